@@ -1,0 +1,131 @@
+"""Visual units: the k vectors (with metadata) that the fusion attends over.
+
+Two sources feed a doc's units, alone or together:
+
+- ``object``: the top-k objects detected in ``doc._.image`` (1024-d box-head features
+  of Mask R-CNN, the paper's setting); see :mod:`spacy_agban.detection`.
+- ``caption``: the content words of ``doc._.image_caption`` (alt text or an automatic
+  caption), each as its word vector. Our extension beyond the paper.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import numpy
+from spacy.lang.en.stop_words import STOP_WORDS
+from spacy.tokens import Doc
+from spacy.util import registry
+from spacy.vocab import Vocab
+
+OBJECT = "object"
+CAPTION = "caption"
+SOURCES = (OBJECT, CAPTION)
+OBJECT_FEATURE_DIM = 1024
+
+
+@dataclass
+class VisualUnit:
+    """One visual unit: a feature vector and what it stands for."""
+
+    source: str
+    vector: numpy.ndarray
+    label: str
+    score: Optional[float] = None
+    box: Optional[Tuple[float, float, float, float]] = None
+
+    def meta(self) -> Dict[str, object]:
+        """The msgpack-safe metadata stored in ``doc._.visual_units``."""
+        return {
+            "source": self.source,
+            "label": self.label,
+            "score": None if self.score is None else float(self.score),
+            "box": None if self.box is None else [float(v) for v in self.box],
+        }
+
+
+@dataclass
+class DocUnits:
+    """The visual units of one doc, grouped by source (each ``(n, dim)`` float32)."""
+
+    units: List[VisualUnit] = field(default_factory=list)
+
+    def vectors(self, source: str, dim: int) -> numpy.ndarray:
+        rows = [u.vector for u in self.units if u.source == source]
+        if not rows:
+            return numpy.zeros((0, dim), dtype="float32")
+        return numpy.stack(rows).astype("float32", copy=False)
+
+    def meta(self) -> List[Dict[str, object]]:
+        return [u.meta() for u in self.units]
+
+
+class ObjectUnitSource(Protocol):
+    """What the pipe needs from object detection (filled by :mod:`.detection`).
+
+    Called with a batch of docs, returns for each doc its top-k object units
+    (``source="object"``, 1024-d vectors); an empty list where the doc has no
+    image or the image could not be used (after a warning naming the image).
+    """
+
+    def __call__(self, docs: Sequence[Doc]) -> List[List[VisualUnit]]: ...
+
+
+def vector_rows(vocab: Vocab, keys: numpy.ndarray) -> numpy.ndarray:
+    """Rows of ``vocab.vectors`` for lowercase keys (-1 where a key has no vector).
+
+    Lookup is always by the lowercased form, done here rather than through
+    ``Vectors.attr``, which spaCy 3.8 does not save (PITFALLS.md): the lookup the
+    model trains with is then the one it uses after ``spacy.load``.
+    """
+    if vocab.vectors.shape[0] == 0 or len(keys) == 0:
+        return numpy.full((len(keys),), -1, dtype="int64")
+    return numpy.asarray(vocab.vectors.find(keys=keys), dtype="int64")
+
+
+class CaptionUnits:
+    """Turn ``doc._.image_caption`` into up to ``top_k`` caption units.
+
+    Each unit is a content word of the caption (stop words, punctuation, numbers
+    and repeats dropped, caption order kept) represented by its lowercase word
+    vector; words without a vector are skipped.
+    """
+
+    def __init__(self, top_k: int = 8, max_chars: int = 1000):
+        if top_k < 0:
+            raise ValueError(f"caption top_k must be >= 0, got {top_k}")
+        self.top_k = top_k
+        self.max_chars = max_chars
+
+    def content_words(self, caption: str) -> List[str]:
+        words: List[str] = []
+        for raw in caption[: self.max_chars].lower().split():
+            word = raw.strip(".,;:!?\"'()[]{}")
+            if word and word.isalpha() and word not in STOP_WORDS and word not in words:
+                words.append(word)
+        return words
+
+    def __call__(self, doc: Doc) -> List[VisualUnit]:
+        caption = doc._.get("image_caption")
+        if not caption or self.top_k == 0:
+            return []
+        if not isinstance(caption, str):
+            raise TypeError(
+                f"doc._.image_caption must be a string, got {type(caption).__name__}"
+            )
+        vocab = doc.vocab
+        words = self.content_words(caption)
+        keys = numpy.asarray([vocab.strings.add(w) for w in words], dtype="uint64")
+        rows = vector_rows(vocab, keys)
+        units = []
+        for word, row in zip(words, rows):
+            if row < 0:
+                continue
+            vector = numpy.asarray(vocab.vectors.data[row], dtype="float32")
+            units.append(VisualUnit(source=CAPTION, vector=vector, label=word))
+            if len(units) == self.top_k:
+                break
+        return units
+
+
+@registry.misc("spacy_agban.CaptionUnits.v1")
+def make_caption_units(top_k: int = 8) -> Callable[[Doc], List[VisualUnit]]:
+    return CaptionUnits(top_k=top_k)
