@@ -8,7 +8,7 @@ Two sources feed a doc's units, alone or together:
   caption), each as its word vector. Our extension beyond the paper.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy
 from spacy.lang.en.stop_words import STOP_WORDS
@@ -58,6 +58,7 @@ class DocUnits:
         return [u.meta() for u in self.units]
 
 
+@runtime_checkable
 class ObjectUnitSource(Protocol):
     """What the pipe needs from object detection (filled by :mod:`.detection`).
 

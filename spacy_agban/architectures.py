@@ -1,0 +1,191 @@
+"""Thinc glue: the registered AGBAN architecture around the torch module."""
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from spacy.tokens import Doc
+from spacy.util import registry
+from thinc.api import ArgsKwargs, Model, PyTorchWrapper_v3, get_torch_default_device
+from thinc.types import Floats2d
+
+from .featurize import N_CHARS, Featurizer
+from .model import AGBANModule, Batch
+from .model.agban import Output
+from .visual_units import DocUnits
+
+AGBANInput = Tuple[List[Doc], List[DocUnits], Optional[List[List[int]]]]
+HYPERPARAMS = (
+    "fusion", "adversarial", "grl_lambda", "word_dim", "char_dim", "char_hidden", "hidden",
+    "gban_dim", "gate_dim", "discriminator_hidden", "dropout", "max_word_chars",
+)
+
+
+@registry.architectures("spacy_agban.AGBAN.v1")
+def build_agban_model(
+    fusion: str = "gban",
+    adversarial: bool = True,
+    grl_lambda: float = 1.0,
+    word_dim: int = 50,
+    char_dim: int = 30,
+    char_hidden: int = 50,
+    hidden: int = 200,
+    gban_dim: int = 200,
+    gate_dim: int = 200,
+    discriminator_hidden: int = 200,
+    dropout: float = 0.5,
+    max_word_chars: int = 20,
+    token_encoder: Optional[Model[List[Doc], List[Floats2d]]] = None,
+    mixed_precision: bool = False,
+) -> Model[AGBANInput, Output]:
+    """AGBAN (Zheng et al. 2020) as a Thinc model over (docs, visual units, gold tags).
+
+    fusion: "none" (BiLSTM-CRF), "concat", "ban" or "gban" (Table III rows).
+    adversarial: the modality discriminator behind a gradient reversal layer.
+    token_encoder: optional extra token features (e.g. a spacy-transformers listener),
+        concatenated to the word and char features before the word BiLSTM.
+    The torch module is built in ``initialize``, once the pipe has set the sizes that
+    depend on data (tags, training vocabulary, vector width, unit sources).
+    """
+    attrs: Dict[str, Any] = {name: value for name, value in locals().items() if name in HYPERPARAMS}
+    attrs.update(mixed_precision=mixed_precision, sizes=None, featurizer=None)
+    layers = [token_encoder] if token_encoder is not None else []
+    model: Model = Model("agban", agban_forward, init=agban_init, layers=layers, attrs=attrs)
+    if token_encoder is not None:
+        model.set_ref("token_encoder", token_encoder)
+    return model
+
+
+def set_sizes(model: Model, sizes: Dict[str, Any]) -> None:
+    """Sizes known from data: n_tags, words, static_width, unit_dims (the pipe's cfg)."""
+    model.attrs["sizes"] = sizes
+
+
+def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> Model:
+    sizes = model.attrs["sizes"]
+    if sizes is None:
+        raise ValueError(
+            "The agban model has no sizes yet: initialize it through the pipe "
+            "(nlp.initialize) or load a trained pipeline with spacy.load."
+        )
+    encoder = model.get_ref("token_encoder") if model.has_ref("token_encoder") else None
+    external_width = 0
+    if encoder is not None:
+        encoder.initialize(X=X[0] if X is not None else None)
+        external_width = encoder.get_dim("nO")
+    a = model.attrs
+    module = AGBANModule(
+        n_tags=sizes["n_tags"],
+        n_words=len(sizes["words"]) + 1,
+        static_width=sizes["static_width"],
+        word_dim=sizes["static_width"] or a["word_dim"],
+        n_chars=N_CHARS,
+        char_dim=a["char_dim"],
+        char_hidden=a["char_hidden"],
+        hidden=a["hidden"],
+        unit_dims=sizes["unit_dims"] if a["fusion"] != "none" else {},
+        fusion=a["fusion"],
+        adversarial=a["adversarial"],
+        grl_lambda=a["grl_lambda"],
+        gban_dim=a["gban_dim"],
+        gate_dim=a["gate_dim"],
+        discriminator_hidden=a["discriminator_hidden"],
+        dropout=a["dropout"],
+        external_width=external_width,
+    )
+    model.attrs["featurizer"] = Featurizer(
+        sizes["words"], sizes["static_width"], sizes["unit_dims"], a["max_word_chars"]
+    )
+    wrapper = PyTorchWrapper_v3(
+        module,
+        convert_inputs=_convert_inputs,
+        convert_outputs=_convert_outputs,
+        mixed_precision=a["mixed_precision"],
+        serialize_model=_serialize_module,
+        deserialize_model=_deserialize_module,
+    )
+    if model.has_ref("torch"):  # re-initialization: replace the old module
+        model._layers[-1] = wrapper
+    else:
+        model._layers.append(wrapper)
+    model.set_ref("torch", wrapper)
+    return model
+
+
+def get_module(model: Model) -> AGBANModule:
+    return model.get_ref("torch").shims[0]._model
+
+
+def agban_forward(model: Model, X: AGBANInput, is_train: bool) -> Tuple[Output, Callable]:
+    docs, units, tags = X
+    external, backprop_encoder = None, None
+    if model.has_ref("token_encoder"):
+        external, backprop_encoder = model.get_ref("token_encoder")(docs, is_train)
+    arrays = model.attrs["featurizer"](docs, units, tags)
+    arrays["external"] = _pad(external) if external is not None else None
+    out, backprop_torch = model.get_ref("torch")(arrays, is_train)
+
+    def backprop(_: Any) -> List[Doc]:
+        d_external = backprop_torch(None)
+        if backprop_encoder is not None:
+            d_padded = d_external.detach().cpu().numpy()
+            backprop_encoder([d_padded[i, : len(doc)] for i, doc in enumerate(docs)])
+        return []
+
+    return out, backprop
+
+
+def _pad(per_doc: Sequence[Floats2d]) -> numpy.ndarray:
+    rows = [numpy.asarray(getattr(x, "get", lambda: x)()) for x in per_doc]
+    out = numpy.zeros((len(rows), max(len(r) for r in rows), rows[0].shape[1]), dtype="float32")
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def _convert_inputs(model: Model, arrays: Dict[str, Any], is_train: bool):
+    device = get_torch_default_device()
+
+    def tensor(value: Any) -> Optional[torch.Tensor]:
+        return None if value is None else torch.from_numpy(value).to(device)
+
+    batch = Batch(
+        word_ids=tensor(arrays["word_ids"]),
+        static_vectors=tensor(arrays["static_vectors"]),
+        char_ids=tensor(arrays["char_ids"]),
+        char_lengths=tensor(arrays["char_lengths"]),
+        token_mask=tensor(arrays["token_mask"]),
+        units={s: tensor(v) for s, v in arrays["units"].items()},
+        unit_masks={s: tensor(v) for s, v in arrays["unit_masks"].items()},
+        tags=tensor(arrays["tags"]) if is_train else None,
+    )
+    external = tensor(arrays["external"])
+    if external is not None and is_train:
+        external.requires_grad_(True)
+    # external travels as its own kwarg so the shim unscales and returns its gradient
+    kwargs = {"external": external, "decode": not is_train}
+    return ArgsKwargs(args=(batch,), kwargs=kwargs), lambda d: d.kwargs["external"]
+
+
+def _convert_outputs(model: Model, inputs_outputs: Tuple[Any, Output], is_train: bool):
+    _, out = inputs_outputs
+
+    def get_d_torch(_: Any) -> ArgsKwargs:
+        # CRF loss - adversarial loss: the discriminator minimizes its loss, the GRL
+        # inside the module makes the projectors maximize it (eq. 25).
+        total = out.crf_loss + out.adversarial_loss
+        return ArgsKwargs(args=(total,), kwargs={"grad_tensors": (torch.ones_like(total),)})
+
+    return out, get_d_torch
+
+
+def _serialize_module(module: torch.nn.Module) -> bytes:
+    return save_safetensors({k: v.contiguous() for k, v in module.state_dict().items()})
+
+
+def _deserialize_module(module: torch.nn.Module, data: bytes, device: torch.device) -> Any:
+    # safetensors: loading model files never runs code from them
+    module.load_state_dict(load_safetensors(data))
+    module.to(device)
+    return module

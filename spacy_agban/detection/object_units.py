@@ -1,0 +1,360 @@
+"""``spacy_agban.ObjectUnits.v1``: the object units of a batch of docs.
+
+Store first, detector only on the misses: detection costs about a second per
+image on a CPU, a store hit a file hash and one SQLite lookup. Images are
+batched across the docs of a batch (and deduplicated), and new results are
+written back one detector batch per transaction. A bad image never stops the
+batch: it is named in a warning and its doc gets no object units (it then
+falls back to its caption or its text).
+"""
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from spacy.tokens import Doc
+from spacy.util import registry
+
+from ..extensions import install_extensions
+from ..visual_units import OBJECT, VisualUnit
+from .detector import RCNNDetector
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    ImageLoader,
+    ImageLoadError,
+    ImageSource,
+    ImageWarning,
+    describe,
+    is_url,
+)
+from .store import Detections, FeatureStore
+
+#: Images decoded at once per detector batch; bounds memory for large doc batches.
+DECODE_BATCHES = 4
+#: Name at most this many bad images one by one (a corpus whose images were
+#: never downloaded would otherwise print thousands of warnings).
+MAX_WARNINGS = 10
+
+
+@dataclass
+class Outcome:
+    """What happened to one image reference.
+
+    status: ``none`` (no image), ``cached``, ``detected``, ``uncached`` (store miss
+    and no detector), ``missing`` (file not found) or ``failed``.
+    """
+
+    status: str
+    detections: Optional[Detections] = None
+    name: Optional[str] = None
+    reason: Optional[str] = None
+    kind: Optional[str] = None
+
+
+class ObjectUnits:
+    """Implements :class:`spacy_agban.visual_units.ObjectUnitSource`."""
+
+    def __init__(
+        self,
+        store: Optional[Union[str, Path, FeatureStore]] = None,
+        detector: Optional[RCNNDetector] = None,
+        image_root: Optional[Union[str, Path]] = None,
+        allow_remote: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        top_k: int = 3,
+        signature: Optional[str] = None,
+        record_failures: bool = False,
+        max_warnings: int = MAX_WARNINGS,
+    ):
+        if store is None and detector is None:
+            raise ValueError("ObjectUnits needs a feature store, a detector, or both")
+        if detector is not None and top_k > detector.top_k:
+            raise ValueError(f"top_k={top_k} exceeds the detector's top_k={detector.top_k}")
+        install_extensions()
+        self._store_arg = store
+        self._store: Optional[FeatureStore] = store if isinstance(store, FeatureStore) else None
+        self.detector = detector
+        self.top_k = top_k
+        self.loader = ImageLoader(
+            image_root=image_root,
+            allow_remote=allow_remote,
+            max_pixels=max_pixels,
+            max_side=detector.max_size if detector is not None else None,
+        )
+        self._signature_arg = signature
+        self._signature: Optional[str] = None
+        self.record_failures = record_failures
+        self.max_warnings = max_warnings
+        # Counters, for tests and the detect command's summary.
+        self.n_detector_images = 0
+        self.n_store_hits = 0
+        self.n_warnings = 0
+        self._warned: set = set()
+        self._warned_no_detector = False
+        self._key_memo: Dict[Any, str] = {}
+
+    # -- configuration resolved on first use (the store may not exist at build time)
+
+    @property
+    def store(self) -> Optional[FeatureStore]:
+        if self._store is None and self._store_arg is not None:
+            self._store = FeatureStore(self._store_arg)  # type: ignore[arg-type]
+        return self._store
+
+    @property
+    def signature(self) -> str:
+        """The detector signature key whose entries this source reads and writes."""
+        if self._signature is None:
+            self._signature = self._resolve_signature()
+        return self._signature
+
+    def _resolve_signature(self) -> str:
+        wanted = self._signature_arg
+        if self.detector is not None:
+            key = self.detector.signature_key()
+            if wanted is not None and wanted != key:
+                raise ValueError(
+                    f"signature {wanted!r} given, but the detector's is {key!r} "
+                    f"({self.detector.signature()})"
+                )
+            if self.store is not None:
+                self.store.register_signature(key, self.detector.signature())
+            return key
+        if wanted is not None:
+            return wanted
+        assert self.store is not None
+        known = self.store.signatures()
+        if len(known) == 1:
+            return next(iter(known))
+        raise ValueError(
+            f"the feature store {self.store.path} holds {len(known)} detector signatures; "
+            f"configure object units with signature = one of {sorted(known)}"
+            if known
+            else f"the feature store {self.store.path} is empty and no detector is configured"
+        )
+
+    # -- ObjectUnitSource -------------------------------------------------------
+
+    def __call__(self, docs: Sequence[Doc]) -> List[List[VisualUnit]]:
+        refs = [doc._.get("image") for doc in docs]
+        return [to_units(outcome.detections) for outcome in self.detections_for(refs)]
+
+    def detections_for(self, refs: Sequence[Any]) -> List[Outcome]:
+        """One :class:`Outcome` per image reference (None: no image)."""
+        outcomes: List[Optional[Outcome]] = [None] * len(refs)
+        keys: Dict[int, str] = {}
+        sources: Dict[int, Optional[ImageSource]] = {}
+        for i, ref in enumerate(refs):
+            if ref is None:
+                outcomes[i] = Outcome("none")
+                continue
+            try:
+                keys[i], sources[i] = self._content_key(ref)
+            except ImageLoadError as err:
+                outcomes[i] = self._failed(err)
+        if not keys:
+            if self.record_failures and self.store is not None:
+                self._record_failures(outcomes)  # type: ignore[arg-type]
+            return outcomes  # type: ignore[return-value]
+        hits = self.store.get_many(keys.values(), self.signature) if self.store is not None else {}
+        misses: Dict[str, List[int]] = {}  # one detection per distinct image
+        for i, key in keys.items():
+            if key in hits:
+                self.n_store_hits += 1
+                outcomes[i] = Outcome("cached", hits[key].head(self.top_k), describe(refs[i]))
+            else:
+                misses.setdefault(key, []).append(i)
+        if misses and self.detector is None:
+            self._warn_no_detector(len(misses))
+            for indices in misses.values():
+                for i in indices:
+                    outcomes[i] = Outcome("uncached", None, describe(refs[i]))
+        elif misses:
+            self._detect_misses(refs, misses, sources, outcomes)
+        if self.record_failures and self.store is not None:
+            self._record_failures(outcomes)  # type: ignore[arg-type]
+        return outcomes  # type: ignore[return-value]
+
+    def _record_failures(self, outcomes: List[Outcome]) -> None:
+        failed = {o.name: o for o in outcomes if o.status in ("failed", "missing")}
+        assert self.store is not None
+        if failed:
+            rows = [(name or "?", o.kind or "failed", o.reason or "") for name, o in failed.items()]
+            self.store.record_failures(rows, self.signature)
+        done = [o.name for o in outcomes if o.status in ("detected", "cached") and o.name]
+        if done:
+            self.store.clear_failures(done, self.signature)
+
+    # -- steps --------------------------------------------------------------------
+
+    def _content_key(self, ref: Any) -> Tuple[str, Optional[ImageSource]]:
+        """sha256 of the image content; files are hashed once per (path, mtime, size)."""
+        if isinstance(ref, (str, Path)) and not (isinstance(ref, str) and is_url(ref)):
+            if isinstance(ref, str) and not ref.strip():
+                raise ImageLoadError(ref, "empty path", "missing")
+            try:
+                path = self.loader.resolve(ref)
+                stat = path.stat()
+                memo_key: Any = (str(path), stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                memo_key = None  # let read() produce the precise error
+            if memo_key is not None and memo_key in self._key_memo:
+                return self._key_memo[memo_key], None
+            source = self.loader.read(ref)
+            key = source.content_key()
+            if memo_key is not None:
+                self._key_memo[memo_key] = key
+            return key, source
+        if isinstance(ref, str):  # a URL: fetched once per process
+            if ref in self._key_memo:
+                return self._key_memo[ref], None
+            source = self.loader.read(ref)
+            self._key_memo[ref] = key = source.content_key()
+            return key, source
+        source = self.loader.read(ref)
+        return source.content_key(), source
+
+    def _detect_misses(
+        self,
+        refs: Sequence[Any],
+        misses: Dict[str, List[int]],
+        sources: Dict[int, Optional[ImageSource]],
+        outcomes: List[Optional[Outcome]],
+    ) -> None:
+        assert self.detector is not None
+        chunk_size = self.detector.batch_size * DECODE_BATCHES
+        pending = list(misses.items())
+        for start in range(0, len(pending), chunk_size):
+            chunk = pending[start : start + chunk_size]
+            loaded = []
+            for key, indices in chunk:
+                first = indices[0]
+                try:
+                    source = sources.get(first) or self.loader.read(refs[first])
+                    loaded.append((key, indices, self.loader.decode(source)))
+                except ImageLoadError as err:
+                    outcome = self._failed(err)
+                    for i in indices:
+                        outcomes[i] = outcome
+            results = self._run_detector([image for _, _, image in loaded])
+            written = []
+            for (key, indices, image), result in zip(loaded, results):
+                if isinstance(result, Exception):
+                    outcome = self._failed(ImageLoadError(image.name, f"detector failed: {result}", "failed"))
+                else:
+                    result = rescale_boxes(result, image.scale)
+                    written.append((key, result))
+                    outcome = Outcome("detected", result.head(self.top_k), image.name)
+                for i in indices:
+                    outcomes[i] = outcome
+            if self.store is not None and written:
+                self.store.put_many(written, self.signature)  # one transaction per chunk
+
+    def _run_detector(self, images: List[Any]) -> List[Union[Detections, Exception]]:
+        """Detect a chunk; if it fails, retry image by image so one bad image costs only itself."""
+        assert self.detector is not None
+        if not images:
+            return []
+        try:
+            results: List[Union[Detections, Exception]] = list(self.detector([im.image for im in images]))
+            self.n_detector_images += len(images)
+            return results
+        except Exception:
+            if len(images) == 1:
+                raise
+        out: List[Union[Detections, Exception]] = []
+        for image in images:
+            try:
+                out.extend(self._run_detector([image]))
+            except Exception as err:  # one image at a time now: blame that image only
+                out.append(err)
+        return out
+
+    # -- failures and warnings ----------------------------------------------------
+
+    def _failed(self, err: ImageLoadError) -> Outcome:
+        status = "missing" if err.kind == "missing" else "failed"
+        self._warn(err.path, err.reason)
+        return Outcome(status, None, err.path, err.reason, err.kind)
+
+    def _warn(self, name: str, reason: str) -> None:
+        if name in self._warned:
+            return
+        self._warned.add(name)
+        self.n_warnings += 1
+        if self.n_warnings <= self.max_warnings:
+            warnings.warn(
+                f"Skipping image {name!r}: {reason}. Its doc gets no object units "
+                "(it falls back to its caption or its text).",
+                ImageWarning,
+                stacklevel=4,
+            )
+        elif self.n_warnings == self.max_warnings + 1:
+            warnings.warn(
+                f"More than {self.max_warnings} images could not be used; further "
+                "images are skipped without a warning (see ObjectUnits.n_warnings).",
+                ImageWarning,
+                stacklevel=4,
+            )
+
+    def _warn_no_detector(self, n: int) -> None:
+        if not self._warned_no_detector:
+            self._warned_no_detector = True
+            warnings.warn(
+                f"{n} image(s) are not in the feature store {self.store.path if self.store else None} "
+                "and no detector is configured: those docs get no object units. "
+                "Run `python -m spacy_agban detect` to fill the store.",
+                ImageWarning,
+                stacklevel=4,
+            )
+
+
+def rescale_boxes(detections: Detections, scale: Tuple[float, float]) -> Detections:
+    """Boxes from the loaded (possibly downscaled) image back to the original's coordinates."""
+    sx, sy = scale
+    if (sx, sy) == (1.0, 1.0) or len(detections) == 0:
+        return detections
+    boxes = detections.boxes / [sx, sy, sx, sy]
+    return Detections(detections.features, detections.labels, detections.scores, boxes)
+
+
+def to_units(detections: Optional[Detections]) -> List[VisualUnit]:
+    if detections is None:
+        return []
+    return [
+        VisualUnit(
+            source=OBJECT,
+            vector=detections.features[j],
+            label=detections.labels[j],
+            score=float(detections.scores[j]),
+            box=tuple(float(v) for v in detections.boxes[j]),  # type: ignore[arg-type]
+        )
+        for j in range(len(detections))
+    ]
+
+
+@registry.misc("spacy_agban.ObjectUnits.v1")
+def make_object_units(
+    store: Optional[str] = None,
+    detector: Optional[RCNNDetector] = None,
+    image_root: Optional[str] = None,
+    allow_remote: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    top_k: int = 3,
+    signature: Optional[str] = None,
+) -> ObjectUnits:
+    """Object units from a feature store (``store``), a detector, or both.
+
+    With a store and no detector, ``signature`` names the detector whose stored
+    features to use (not needed when the store holds only one).
+    """
+    return ObjectUnits(
+        store=store,
+        detector=detector,
+        image_root=image_root,
+        allow_remote=allow_remote,
+        max_pixels=max_pixels,
+        top_k=top_k,
+        signature=signature,
+    )
+

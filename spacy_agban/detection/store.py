@@ -1,0 +1,265 @@
+"""A persistent cache of detections on SQLite (stdlib only, no torch).
+
+Detection costs about a second per image on a CPU, so it is done once and reused
+every epoch. Entries are keyed by (image content sha256, detector signature key):
+a new image file, new weights, a new input size or a new k never reuse old
+features. Each entry is one row, written by one ``INSERT`` inside a transaction,
+so a killed run loses at most the batch in flight and never leaves half an
+entry. WAL journaling lets readers run while a writer writes.
+
+Failures (unreadable images) are logged in their own table, never cached as an
+empty result: the next run retries them. A detection that legitimately found no
+object *is* cached, with ``n = 0``.
+"""
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS signatures (
+    sig TEXT PRIMARY KEY,
+    description TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS detections (
+    image_key TEXT NOT NULL,
+    sig TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    dim INTEGER NOT NULL,
+    features BLOB NOT NULL,
+    labels TEXT NOT NULL,
+    scores BLOB NOT NULL,
+    boxes BLOB NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (image_key, sig)
+);
+CREATE TABLE IF NOT EXISTS failures (
+    name TEXT NOT NULL,
+    sig TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (name, sig)
+);
+"""
+
+
+@dataclass
+class Detections:
+    """The top-k objects of one image, best first.
+
+    features: (n, dim) float32 box-head features; labels: n class names;
+    scores: (n,) float32; boxes: (n, 4) float32 x0, y0, x1, y1 in the
+    coordinates of the original image (after EXIF rotation).
+    """
+
+    features: numpy.ndarray
+    labels: List[str]
+    scores: numpy.ndarray
+    boxes: numpy.ndarray
+
+    def __post_init__(self) -> None:
+        self.features = numpy.ascontiguousarray(self.features, dtype="float32")
+        self.scores = numpy.ascontiguousarray(self.scores, dtype="float32").reshape(-1)
+        self.boxes = numpy.ascontiguousarray(self.boxes, dtype="float32").reshape(-1, 4)
+        n = len(self.labels)
+        if self.features.ndim != 2 or self.features.shape[0] != n:
+            raise ValueError(f"features {self.features.shape} do not match {n} labels")
+        if self.scores.shape[0] != n or self.boxes.shape[0] != n:
+            raise ValueError("scores, boxes and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, k: int) -> "Detections":
+        return Detections(self.features[:k], self.labels[:k], self.scores[:k], self.boxes[:k])
+
+    @classmethod
+    def empty(cls, dim: int) -> "Detections":
+        return cls(numpy.zeros((0, dim), "float32"), [], numpy.zeros(0, "float32"), numpy.zeros((0, 4), "float32"))
+
+
+@dataclass
+class Failure:
+    name: str
+    kind: str
+    reason: str
+    attempts: int
+    last_seen: float
+
+
+class FeatureStore:
+    """Detections on disk. Safe to share between threads and forked processes
+    (each thread/process opens its own connection on first use)."""
+
+    def __init__(self, path: Union[str, Path], timeout: float = 60.0):
+        self.path = Path(path)
+        self.timeout = timeout
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._setup(self._connection())
+
+    def _connection(self) -> sqlite3.Connection:
+        # A connection must not cross a fork or a thread: keep one per (pid, thread).
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+        return conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise ValueError(
+                f"feature store {self.path} has schema version {version}; "
+                f"this code reads version {SCHEMA_VERSION}"
+            )
+        # WAL: readers never block the writer and see only committed entries.
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL is safe against a killed process in WAL mode (only power loss
+        # can drop the last commits), and far faster than FULL.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        with self._transaction(conn):
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection):
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _transaction(self, conn: Optional[sqlite3.Connection] = None) -> "FeatureStore._Tx":
+        return FeatureStore._Tx(conn or self._connection())
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local = threading.local()
+
+    # -- signatures ---------------------------------------------------------------
+
+    def register_signature(self, sig: str, description: Dict[str, object]) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO signatures (sig, description) VALUES (?, ?)",
+                (sig, json.dumps(description, sort_keys=True)),
+            )
+
+    def signatures(self) -> Dict[str, Dict[str, object]]:
+        rows = self._connection().execute("SELECT sig, description FROM signatures").fetchall()
+        return {sig: json.loads(desc) for sig, desc in rows}
+
+    # -- detections ---------------------------------------------------------------
+
+    def get(self, image_key: str, sig: str) -> Optional[Detections]:
+        return self.get_many([image_key], sig).get(image_key)
+
+    def get_many(self, image_keys: Iterable[str], sig: str) -> Dict[str, Detections]:
+        keys = list(dict.fromkeys(image_keys))
+        found: Dict[str, Detections] = {}
+        conn = self._connection()
+        for start in range(0, len(keys), 500):  # stay under SQLite's variable limit
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                "SELECT image_key, n, dim, features, labels, scores, boxes FROM detections "
+                f"WHERE sig = ? AND image_key IN ({marks})",
+                (sig, *chunk),
+            ).fetchall()
+            for key, n, dim, features, labels, scores, boxes in rows:
+                found[key] = _decode_row(n, dim, features, labels, scores, boxes)
+        return found
+
+    def put_many(self, entries: Sequence[Tuple[str, Detections]], sig: str) -> None:
+        """Write a batch in one transaction: all of it lands, or none of it."""
+        now = time.time()
+        rows = [(key, sig, *_encode_row(det), now) for key, det in entries]
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO detections "
+                "(image_key, sig, n, dim, features, labels, scores, boxes, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def put(self, image_key: str, sig: str, detections: Detections) -> None:
+        self.put_many([(image_key, detections)], sig)
+
+    def count(self, sig: Optional[str] = None) -> int:
+        conn = self._connection()
+        if sig is None:
+            return conn.execute("SELECT COUNT(*) FROM detections").fetchone()[0]
+        return conn.execute("SELECT COUNT(*) FROM detections WHERE sig = ?", (sig,)).fetchone()[0]
+
+    def keys(self, sig: str) -> Iterator[str]:
+        for (key,) in self._connection().execute(
+            "SELECT image_key FROM detections WHERE sig = ?", (sig,)
+        ):
+            yield key
+
+    # -- failures -----------------------------------------------------------------
+
+    def record_failures(self, failures: Sequence[Tuple[str, str, str]], sig: str) -> None:
+        """Log ``(name, kind, reason)`` failures; they are reported, not cached."""
+        now = time.time()
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO failures (name, sig, kind, reason, attempts, last_seen) "
+                "VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (name, sig) DO UPDATE SET "
+                "kind = excluded.kind, reason = excluded.reason, "
+                "attempts = attempts + 1, last_seen = excluded.last_seen",
+                [(name, sig, kind, reason, now) for name, kind, reason in failures],
+            )
+
+    def clear_failures(self, names: Sequence[str], sig: str) -> None:
+        with self._transaction() as conn:
+            conn.executemany(
+                "DELETE FROM failures WHERE name = ? AND sig = ?", [(n, sig) for n in names]
+            )
+
+    def failures(self, sig: str) -> List[Failure]:
+        rows = self._connection().execute(
+            "SELECT name, kind, reason, attempts, last_seen FROM failures WHERE sig = ? ORDER BY name",
+            (sig,),
+        ).fetchall()
+        return [Failure(*row) for row in rows]
+
+
+def _encode_row(det: Detections) -> Tuple[int, int, bytes, str, bytes, bytes]:
+    return (
+        len(det),
+        int(det.features.shape[1]),
+        det.features.astype("<f4").tobytes(),
+        json.dumps(list(det.labels)),
+        det.scores.astype("<f4").tobytes(),
+        det.boxes.astype("<f4").tobytes(),
+    )
+
+
+def _decode_row(n: int, dim: int, features: bytes, labels: str, scores: bytes, boxes: bytes) -> Detections:
+    return Detections(
+        features=numpy.frombuffer(features, dtype="<f4").reshape(n, dim).astype("float32"),
+        labels=json.loads(labels),
+        scores=numpy.frombuffer(scores, dtype="<f4").astype("float32"),
+        boxes=numpy.frombuffer(boxes, dtype="<f4").reshape(n, 4).astype("float32"),
+    )

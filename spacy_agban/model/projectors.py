@@ -1,0 +1,115 @@
+"""Text and visual projectors: both modalities into one d-dim space (G_T, G_V)."""
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+class CharBiLSTM(nn.Module):
+    """One vector per token from its characters: final states of a BiLSTM."""
+
+    def __init__(self, n_chars: int, char_dim: int, hidden: int):
+        super().__init__()
+        self.embed = nn.Embedding(n_chars, char_dim, padding_idx=0)
+        self.lstm = nn.LSTM(char_dim, hidden, batch_first=True, bidirectional=True)
+        self.width = 2 * hidden
+
+    def forward(self, char_ids: torch.Tensor, char_lengths: torch.Tensor) -> torch.Tensor:
+        """(N, L) char ids of N real tokens, lengths >= 1 -> (N, 2 * hidden)."""
+        if char_ids.shape[0] == 0:
+            return char_ids.new_zeros((0, self.width), dtype=self.embed.weight.dtype)
+        packed = pack_padded_sequence(
+            self.embed(char_ids), char_lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
+        _, (final, _) = self.lstm(packed)
+        return torch.cat([final[0], final[1]], dim=-1)
+
+
+class TextProjector(nn.Module):
+    """Word embedding + char BiLSTM, concatenated, then a word BiLSTM -> G_T.
+
+    The word embedding is the frozen pretrained vector (looked up outside, passed in)
+    plus a trainable table for the training vocabulary, initialized at zero: the same
+    as GloVe-initialized embeddings fine-tuned on the words seen in training, while
+    unseen words keep their GloVe vector. Without pretrained vectors the trainable
+    table is randomly initialized instead.
+    """
+
+    def __init__(
+        self,
+        n_words: int,
+        static_width: int,
+        word_dim: int,
+        n_chars: int,
+        char_dim: int,
+        char_hidden: int,
+        hidden: int,
+        dropout: float,
+        external_width: int = 0,
+    ):
+        super().__init__()
+        if static_width and word_dim != static_width:
+            raise ValueError(
+                f"word_dim ({word_dim}) must equal the width of the word vectors "
+                f"({static_width}) when pretrained vectors are used"
+            )
+        if hidden % 2:
+            raise ValueError(f"hidden must be even (two LSTM directions), got {hidden}")
+        self.static_width = static_width
+        self.word_embed = nn.Embedding(n_words, word_dim, padding_idx=0)
+        if static_width:
+            nn.init.zeros_(self.word_embed.weight)
+        self.chars = CharBiLSTM(n_chars, char_dim, char_hidden) if char_dim else None
+        in_width = word_dim + (self.chars.width if self.chars else 0) + external_width
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(in_width, hidden // 2, batch_first=True, bidirectional=True)
+        self.width = hidden
+
+    def forward(
+        self,
+        word_ids: torch.Tensor,
+        static_vectors: torch.Tensor,
+        char_ids: torch.Tensor,
+        char_lengths: torch.Tensor,
+        token_mask: torch.Tensor,
+        external: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        words = self.word_embed(word_ids)
+        if self.static_width:
+            words = words + static_vectors
+        parts = [words]
+        if self.chars is not None:
+            per_token = self.chars(char_ids[token_mask], char_lengths[token_mask])
+            chars = per_token.new_zeros(token_mask.shape + (self.chars.width,))
+            chars[token_mask] = per_token
+            parts.append(chars)
+        if external is not None:
+            parts.append(external)
+        inputs = self.dropout(torch.cat(parts, dim=-1))
+        lengths = token_mask.sum(dim=1).clamp(min=1).cpu()
+        packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
+        output, _ = self.lstm(packed)
+        output, _ = pad_packed_sequence(output, batch_first=True, total_length=inputs.shape[1])
+        return output
+
+
+class VisualProjector(nn.Module):
+    """Feed-forward network from each unit source's features to d -> G_V.
+
+    Each source (1024-d objects, word-vector caption units) has its own input layer;
+    the rest is shared, so all units land in one space with the tokens.
+    """
+
+    def __init__(self, source_dims: Dict[str, int], width: int, dropout: float):
+        super().__init__()
+        self.inputs = nn.ModuleDict(
+            {source: nn.Linear(dim, width) for source, dim in source_dims.items()}
+        )
+        self.shared = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width), nn.Tanh())
+        self.width = width
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """{source: (B, K_s, D_s)} -> (B, sum K_s, d), sources in a fixed order."""
+        projected = [self.inputs[source](features[source]) for source in self.inputs]
+        return self.shared(torch.cat(projected, dim=1))
