@@ -1,0 +1,183 @@
+"""The SQLite feature store: exact round trips, signatures, transactions, WAL readers."""
+import multiprocessing
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy
+import pytest
+
+from spacy_agban.detection.store import Detections, FeatureStore
+
+
+def random_detections(rng: numpy.random.Generator, n: int = 3, dim: int = 1024) -> Detections:
+    return Detections(
+        features=rng.standard_normal((n, dim)).astype("float32"),
+        labels=[f"label {i} ü" for i in range(n)],
+        scores=rng.random(n).astype("float32"),
+        boxes=(rng.random((n, 4)) * 500).astype("float32"),
+    )
+
+
+def assert_same(a: Detections, b: Detections) -> None:
+    assert a.labels == b.labels
+    for x, y in ((a.features, b.features), (a.scores, b.scores), (a.boxes, b.boxes)):
+        assert x.dtype == y.dtype == numpy.float32
+        assert x.shape == y.shape
+        assert x.tobytes() == y.tobytes()  # bit-exact, NaN and -0.0 included
+
+
+def test_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    rng = numpy.random.default_rng(0)
+    det = random_detections(rng)
+    det.features[0, 0] = numpy.nan
+    det.features[0, 1] = -0.0
+    det.features[0, 2] = numpy.float32(1e-45)  # subnormal
+    store = FeatureStore(tmp_path / "f.sqlite")
+    store.put("img", "sig", det)
+    store.close()
+    assert_same(FeatureStore(tmp_path / "f.sqlite").get("img", "sig"), det)
+
+
+def test_empty_detection_is_cached_not_missing(tmp_path: Path) -> None:
+    store = FeatureStore(tmp_path / "f.sqlite")
+    store.put("img", "sig", Detections.empty(1024))
+    got = store.get("img", "sig")
+    assert got is not None and len(got) == 0 and got.features.shape == (0, 1024)
+
+
+def test_signature_separates_entries(tmp_path: Path) -> None:
+    rng = numpy.random.default_rng(1)
+    store = FeatureStore(tmp_path / "f.sqlite")
+    store.put("img", "sig-a", random_detections(rng))
+    assert store.get("img", "sig-b") is None
+    assert store.get_many(["img", "other"], "sig-a").keys() == {"img"}
+
+
+def test_get_many_beyond_sqlite_variable_limit(tmp_path: Path) -> None:
+    rng = numpy.random.default_rng(2)
+    store = FeatureStore(tmp_path / "f.sqlite")
+    entries = [(f"k{i}", random_detections(rng, n=1, dim=4)) for i in range(1200)]
+    store.put_many(entries, "s")
+    assert len(store.get_many([k for k, _ in entries] + ["absent"], "s")) == 1200
+    assert store.count("s") == 1200
+
+
+def test_failed_batch_writes_nothing(tmp_path: Path) -> None:
+    rng = numpy.random.default_rng(3)
+    store = FeatureStore(tmp_path / "f.sqlite")
+    # Make SQLite itself fail on the second row, after the first was inserted.
+    store._connection().execute(
+        "CREATE TRIGGER no_bad BEFORE INSERT ON detections WHEN NEW.image_key = 'bad' "
+        "BEGIN SELECT RAISE(ABORT, 'bad row'); END"
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="bad row"):
+        store.put_many([("good", random_detections(rng)), ("bad", random_detections(rng))], "s")
+    assert store.count() == 0  # the whole batch rolled back
+    store.put_many([("good", random_detections(rng))], "s")  # and the store still works
+    assert store.count() == 1
+
+
+def _writer(path: str, n: int, started) -> None:  # runs in a child process
+    store = FeatureStore(path)
+    rng = numpy.random.default_rng(4)
+    started.set()
+    for i in range(n):
+        store.put_many([(f"k{i}-{j}", random_detections(rng, 2, 64)) for j in range(5)], "s")
+
+
+def test_killed_writer_leaves_only_whole_entries(tmp_path: Path) -> None:
+    path = str(tmp_path / "f.sqlite")
+    FeatureStore(path)
+    ctx = multiprocessing.get_context("fork")
+    started = ctx.Event()
+    proc = ctx.Process(target=_writer, args=(path, 100000, started))
+    proc.start()
+    started.wait(30)
+    store = FeatureStore(path)
+    deadline = time.monotonic() + 60
+    while store.count() < 50 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.kill()  # SIGKILL, mid-run
+    proc.join()
+    count = store.count("s")
+    assert count > 0 and count % 5 == 0  # whole batches only
+    for key in store.keys("s"):
+        det = store.get(key, "s")
+        assert det is not None and det.features.shape == (2, 64)
+    assert store._connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_concurrent_reader_while_writing(tmp_path: Path) -> None:
+    path = tmp_path / "f.sqlite"
+    rng = numpy.random.default_rng(5)
+    store = FeatureStore(path)
+    first = random_detections(rng)
+    store.put("first", "s", first)
+    assert store._connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    errors: list = []
+    stop = threading.Event()
+
+    def read() -> None:
+        reader = FeatureStore(path)  # its own connection (per thread)
+        try:
+            while not stop.is_set():
+                assert_same(reader.get("first", "s"), first)
+                n = reader.count("s")
+                assert n >= 1
+        except Exception as err:  # reported to the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(40):
+        store.put_many([(f"k{i}-{j}", random_detections(rng, 3, 1024)) for j in range(4)], "s")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert store.count("s") == 1 + 160
+
+
+def test_reader_never_sees_an_open_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "f.sqlite"
+    store = FeatureStore(path)
+    writer = sqlite3.connect(str(path), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute(
+        "INSERT INTO detections VALUES ('half', 's', 1, 1, x'00000000', '[\"a\"]', x'00000000', x'', 0)"
+    )
+    assert store.get("half", "s") is None  # uncommitted: invisible, and no lock error
+    writer.execute("ROLLBACK")
+    assert store.get("half", "s") is None
+
+
+def test_failures_are_logged_not_cached(tmp_path: Path) -> None:
+    store = FeatureStore(tmp_path / "f.sqlite")
+    store.record_failures([("a.jpg", "corrupt", "cannot decode")], "s")
+    store.record_failures([("a.jpg", "corrupt", "cannot decode")], "s")
+    (failure,) = store.failures("s")
+    assert (failure.name, failure.kind, failure.attempts) == ("a.jpg", "corrupt", 2)
+    assert store.count() == 0
+    store.clear_failures(["a.jpg"], "s")
+    assert store.failures("s") == []
+
+
+def test_signatures_are_described(tmp_path: Path) -> None:
+    store = FeatureStore(tmp_path / "f.sqlite")
+    store.register_signature("abc", {"model": "m", "top_k": 3})
+    assert FeatureStore(tmp_path / "f.sqlite").signatures() == {"abc": {"model": "m", "top_k": 3}}
+
+
+def test_unknown_schema_version_refused(tmp_path: Path) -> None:
+    path = tmp_path / "f.sqlite"
+    sqlite3.connect(str(path)).execute("PRAGMA user_version = 99")
+    with pytest.raises(ValueError, match="schema version 99"):
+        FeatureStore(path)
+
+
+def test_detections_validate_shapes() -> None:
+    with pytest.raises(ValueError):
+        Detections(numpy.zeros((2, 8)), ["a"], numpy.zeros(2), numpy.zeros((2, 4)))
