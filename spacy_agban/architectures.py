@@ -57,6 +57,45 @@ def build_agban_model(
     return model
 
 
+@registry.architectures("spacy_agban.AGBAN.v2")
+def build_agban_model_v2(
+    fusion: str = "gban",
+    adversarial: bool = True,
+    grl_lambda: float = 1.0,
+    use_word_features: bool = True,
+    word_dim: int = 50,
+    char_dim: int = 30,
+    char_hidden: int = 50,
+    hidden: int = 200,
+    gban_dim: int = 200,
+    gate_dim: int = 200,
+    discriminator_hidden: int = 200,
+    dropout: float = 0.5,
+    max_word_chars: int = 20,
+    token_encoder: Optional[Model[List[Doc], List[Floats2d]]] = None,
+    mixed_precision: bool = False,
+) -> Model[AGBANInput, Output]:
+    """AGBAN.v1 with a switch for the paper's word features (GloVe + trainable table).
+
+    use_word_features=False with char_dim=0 leaves the token_encoder (e.g. a
+    spacy-transformers listener) as the only token features; with the defaults this
+    is the same model as v1.
+    """
+    if not use_word_features and not char_dim and token_encoder is None:
+        raise ValueError(
+            "AGBAN.v2 needs token features: use_word_features, char_dim > 0 or a token_encoder"
+        )
+    model = build_agban_model(
+        fusion=fusion, adversarial=adversarial, grl_lambda=grl_lambda, word_dim=word_dim,
+        char_dim=char_dim, char_hidden=char_hidden, hidden=hidden, gban_dim=gban_dim,
+        gate_dim=gate_dim, discriminator_hidden=discriminator_hidden, dropout=dropout,
+        max_word_chars=max_word_chars, token_encoder=token_encoder,
+        mixed_precision=mixed_precision,
+    )
+    model.attrs["use_word_features"] = use_word_features
+    return model
+
+
 def set_sizes(model: Model, sizes: Dict[str, Any]) -> None:
     """Sizes known from data: n_tags, words, static_width, unit_dims (the pipe's cfg)."""
     model.attrs["sizes"] = sizes
@@ -75,11 +114,12 @@ def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> M
         encoder.initialize(X=X[0] if X is not None else None)
         external_width = encoder.get_dim("nO")
     a = model.attrs
+    words_on = a.get("use_word_features", True)  # AGBAN.v2 switch; v1 always uses words
     module = AGBANModule(
         n_tags=sizes["n_tags"],
-        n_words=len(sizes["words"]) + 1,
-        static_width=sizes["static_width"],
-        word_dim=sizes["static_width"] or a["word_dim"],
+        n_words=len(sizes["words"]) + 1 if words_on else 1,
+        static_width=sizes["static_width"] if words_on else 0,
+        word_dim=(sizes["static_width"] or a["word_dim"]) if words_on else 0,
         n_chars=N_CHARS,
         char_dim=a["char_dim"],
         char_hidden=a["char_hidden"],
@@ -95,7 +135,8 @@ def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> M
         external_width=external_width,
     )
     model.attrs["featurizer"] = Featurizer(
-        sizes["words"], sizes["static_width"], sizes["unit_dims"], a["max_word_chars"]
+        sizes["words"] if words_on else [], sizes["static_width"] if words_on else 0,
+        sizes["unit_dims"], a["max_word_chars"],
     )
     wrapper = PyTorchWrapper_v3(
         module,

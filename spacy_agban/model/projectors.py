@@ -57,11 +57,14 @@ class TextProjector(nn.Module):
         if hidden % 2:
             raise ValueError(f"hidden must be even (two LSTM directions), got {hidden}")
         self.static_width = static_width
-        self.word_embed = nn.Embedding(n_words, word_dim, padding_idx=0)
-        if static_width:
+        # word_dim = 0 switches the word features off (token features from chars/external)
+        self.word_embed = nn.Embedding(n_words, word_dim, padding_idx=0) if word_dim else None
+        if static_width and self.word_embed is not None:
             nn.init.zeros_(self.word_embed.weight)
         self.chars = CharBiLSTM(n_chars, char_dim, char_hidden) if char_dim else None
         in_width = word_dim + (self.chars.width if self.chars else 0) + external_width
+        if in_width == 0:
+            raise ValueError("TextProjector has no token features: no words, chars or external")
         self.dropout = nn.Dropout(dropout)
         self.lstm = nn.LSTM(in_width, hidden // 2, batch_first=True, bidirectional=True)
         self.width = hidden
@@ -75,10 +78,12 @@ class TextProjector(nn.Module):
         token_mask: torch.Tensor,
         external: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        words = self.word_embed(word_ids)
-        if self.static_width:
-            words = words + static_vectors
-        parts = [words]
+        parts = []
+        if self.word_embed is not None:
+            words = self.word_embed(word_ids)
+            if self.static_width:
+                words = words + static_vectors
+            parts.append(words)
         if self.chars is not None:
             per_token = self.chars(char_ids[token_mask], char_lengths[token_mask])
             chars = per_token.new_zeros(token_mask.shape + (self.chars.width,))
