@@ -105,6 +105,7 @@ class RCNNDetector:
         device: str = "auto",
         batch_size: int = 4,
         mixed_precision: bool = True,
+        proposals: int = 1000,
     ):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -116,12 +117,15 @@ class RCNNDetector:
         self.min_size = min_size
         self.max_size = max_size
         self.batch_size = max(1, batch_size)
+        self.proposals = proposals
         self.device = resolve_device(device)
         self.mixed_precision = mixed_precision and self.device.type == "cuda"
         self.categories: List[str] = list(weights_enum.COCO_V1.meta["categories"])
         self.model, self.weights_id = self._build(builder, weights_enum, weights)
         self.model.roi_heads.score_thresh = self.score_threshold
-        self.model.roi_heads.detections_per_img = max(self.top_k, self.model.roi_heads.detections_per_img)
+        # Only the top k are used; keeping more would make model(images) run the
+        # mask head on 100 boxes for nothing.
+        self.model.roi_heads.detections_per_img = self.top_k
         self.model.to(self.device).eval()
         self.feature_dim = int(self.model.roi_heads.box_head.fc7.out_features)
         if self.feature_dim != OBJECT_FEATURE_DIM:
@@ -129,7 +133,15 @@ class RCNNDetector:
         self._signature: Optional[Dict[str, Any]] = None
 
     def _build(self, builder: Callable[..., torch.nn.Module], weights_enum: Any, weights: Optional[str]) -> Tuple[torch.nn.Module, str]:
-        kwargs = dict(min_size=self.min_size, max_size=self.max_size, box_score_thresh=self.score_threshold)
+        kwargs = dict(
+            min_size=self.min_size,
+            max_size=self.max_size,
+            box_score_thresh=self.score_threshold,
+            # RPN proposals kept per image at inference (per FPN level before NMS, in
+            # all after): the box head runs on each, which dominates CPU time.
+            rpn_pre_nms_top_n_test=self.proposals,
+            rpn_post_nms_top_n_test=self.proposals,
+        )
         if weights is None:
             warnings.warn(
                 f"{self.model_name} built with RANDOM weights (weights=None): its object "
@@ -182,6 +194,7 @@ class RCNNDetector:
                 "top_k": self.top_k,
                 "score_threshold": self.score_threshold,
                 "nms_threshold": float(self.model.roi_heads.nms_thresh),
+                "proposals": self.proposals,
                 "feature": "roi_heads.box_head(final boxes)",
                 "max_aspect": MAX_ASPECT,
                 "extraction_version": EXTRACTION_VERSION,
@@ -292,6 +305,7 @@ def make_mask_rcnn_detector(
     device: str = "auto",
     batch_size: int = 4,
     mixed_precision: bool = True,
+    proposals: int = 1000,
 ) -> RCNNDetector:
     """Mask R-CNN R50-FPN on COCO: the paper's detector."""
     return RCNNDetector(
@@ -306,6 +320,7 @@ def make_mask_rcnn_detector(
         device=device,
         batch_size=batch_size,
         mixed_precision=mixed_precision,
+        proposals=proposals,
     )
 
 
@@ -319,6 +334,7 @@ def make_fasterrcnn_mobilenet_detector(
     device: str = "auto",
     batch_size: int = 4,
     mixed_precision: bool = True,
+    proposals: int = 1000,
 ) -> RCNNDetector:
     """Faster R-CNN MobileNetV3-Large FPN on COCO: about 5x faster on a CPU, same
     1024-d box-head features (not the paper's setting)."""
@@ -334,4 +350,5 @@ def make_fasterrcnn_mobilenet_detector(
         device=device,
         batch_size=batch_size,
         mixed_precision=mixed_precision,
+        proposals=proposals,
     )

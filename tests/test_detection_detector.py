@@ -1,0 +1,183 @@
+"""Detectors with random weights: same boxes as torchvision's own forward, right features."""
+from collections import OrderedDict
+from pathlib import Path
+from typing import List
+
+import numpy
+import pytest
+import torch
+from PIL import Image
+from spacy.util import registry
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.transforms.functional import to_tensor
+
+from spacy_agban.detection.detector import (
+    RandomWeightsWarning,
+    make_fasterrcnn_mobilenet_detector,
+    make_mask_rcnn_detector,
+    signature_key,
+)
+
+IMAGES = Path("/work/shared/data/twitter2015/images")
+# Small input, threshold 0 (random weights score low), 100 RPN proposals: the box
+# head on 1000 proposals costs ~25 GFLOP per image whatever the input size.
+SMALL = dict(weights=None, score_threshold=0.0, min_size=128, max_size=160, device="cpu", proposals=100)
+
+
+def small_images(names=("102", "106", "113"), side: int = 200) -> List[Image.Image]:
+    images = []
+    for name in names:
+        image = Image.open(IMAGES / f"{name}.jpg").convert("RGB")
+        image.thumbnail((side, side))
+        images.append(image)
+    return images
+
+
+@pytest.fixture(scope="module")
+def maskrcnn():
+    torch.manual_seed(0)
+    with pytest.warns(RandomWeightsWarning, match="RANDOM weights"):
+        return make_mask_rcnn_detector(top_k=3, batch_size=2, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    torch.manual_seed(0)
+    with pytest.warns(RandomWeightsWarning):
+        return make_fasterrcnn_mobilenet_detector(top_k=3, batch_size=2, **SMALL)
+
+
+def test_registered_names() -> None:
+    assert registry.misc.get("spacy_agban.MaskRCNNDetector.v1") is make_mask_rcnn_detector
+    assert registry.misc.get("spacy_agban.FasterRCNNMobileNetDetector.v1") is make_fasterrcnn_mobilenet_detector
+
+
+def test_threshold_and_sizes_reach_the_model(maskrcnn) -> None:
+    assert maskrcnn.model.roi_heads.score_thresh == 0.0
+    assert maskrcnn.model.transform.min_size == (128,) and maskrcnn.model.transform.max_size == 160
+    assert not maskrcnn.model.training
+
+
+def test_top_k_boxes_equal_torchvisions_forward(maskrcnn) -> None:
+    # Two same-size images form one batch, exactly as model(images) batches them;
+    # a differently sized one runs alone, as model([image]) does.
+    pair = [im.resize((200, 150)) for im in small_images(("102", "106"))]
+    other = small_images(("113",))[0]
+    assert other.size != (200, 150)
+    ours = maskrcnn(pair + [other])
+    with torch.inference_mode():
+        theirs = maskrcnn.model([to_tensor(im) for im in pair]) + maskrcnn.model([to_tensor(other)])
+    for det, ref in zip(ours, theirs):
+        assert len(det) == 3
+        assert torch.equal(torch.from_numpy(det.boxes), ref["boxes"][:3])
+        assert torch.equal(torch.from_numpy(det.scores), ref["scores"][:3])
+        assert det.labels == [maskrcnn.categories[i] for i in ref["labels"][:3].tolist()]
+        assert list(det.scores) == sorted(det.scores, reverse=True)
+
+
+def test_boxes_are_in_original_coordinates(maskrcnn) -> None:
+    image = small_images(("102",), side=400)[0]  # larger than max_size=160
+    (det,) = maskrcnn([image])
+    width, height = image.size
+    assert (det.boxes[:, [0, 2]] <= width + 1e-3).all() and (det.boxes[:, [1, 3]] <= height + 1e-3).all()
+    assert det.boxes[:, 2:].max() > 160  # not in the resized input's coordinates
+
+
+def recompute_feature(detector, image: Image.Image, boxes: numpy.ndarray) -> numpy.ndarray:
+    """The box-head feature of given boxes, by hand from torchvision's parts."""
+    model = detector.model
+    with torch.inference_mode():
+        tensor = to_tensor(image)
+        image_list, _ = model.transform([tensor])
+        size = image_list.image_sizes[0]
+        scaled = resize_boxes(torch.from_numpy(boxes), list(tensor.shape[-2:]), list(size))
+        features = model.backbone(image_list.tensors)
+        features = features if isinstance(features, OrderedDict) else OrderedDict([("0", features)])
+        pooled = model.roi_heads.box_roi_pool(features, [scaled], [size])
+        return model.roi_heads.box_head(pooled).numpy()
+
+
+def test_features_are_the_box_head_of_the_final_boxes(maskrcnn) -> None:
+    image = small_images(("106",))[0]
+    (det,) = maskrcnn([image])
+    assert det.features.shape == (3, 1024) and det.features.dtype == numpy.float32
+    assert numpy.isfinite(det.features).all()
+    assert not numpy.allclose(det.features[0], det.features[1])  # one feature per box
+    expected = recompute_feature(maskrcnn, image, det.boxes)
+    numpy.testing.assert_allclose(det.features, expected, rtol=1e-4, atol=1e-5)
+    # ... and a feature for a different (e.g. unscaled) box would not match.
+    wrong = recompute_feature(maskrcnn, image, det.boxes * 0.5)
+    assert not numpy.allclose(det.features, wrong, atol=1e-4)
+
+
+def test_same_result_whatever_the_batch_order(maskrcnn) -> None:
+    images = small_images(("102", "113"))
+    forward = maskrcnn(images)
+    backward = maskrcnn(images[::-1])[::-1]
+    for a, b in zip(forward, backward):
+        assert a.labels == b.labels
+        numpy.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+        numpy.testing.assert_allclose(a.features, b.features, atol=1e-4)
+
+
+def test_tiny_and_flat_images_do_not_crash(maskrcnn) -> None:
+    results = maskrcnn([Image.new("RGB", (1, 1), (200, 0, 0)), Image.new("RGB", (64, 64))])
+    assert len(results) == 2
+    for det in results:
+        assert det.features.shape[1] == 1024 and len(det) <= 3
+
+
+def test_mobilenet_behind_the_same_interface(mobilenet) -> None:
+    assert mobilenet.feature_dim == 1024
+    dets = mobilenet(small_images(("102", "113")))
+    assert [d.features.shape for d in dets] == [(3, 1024), (3, 1024)]
+    assert all(label in mobilenet.categories for d in dets for label in d.labels)
+    assert mobilenet.signature()["model"] == "fasterrcnn_mobilenet_v3_large_fpn"
+
+
+def test_signature_names_everything_that_changes_features(maskrcnn, mobilenet) -> None:
+    sig = maskrcnn.signature()
+    assert sig["model"] == "maskrcnn_resnet50_fpn"
+    assert sig["weights"].startswith("random:")  # a hash of these random parameters
+    assert (sig["min_size"], sig["max_size"], sig["top_k"], sig["score_threshold"]) == (128, 160, 3, 0.0)
+    assert sig["proposals"] == 100
+    assert signature_key(sig) == maskrcnn.signature_key()
+    assert signature_key({**sig, "top_k": 5}) != maskrcnn.signature_key()
+    assert maskrcnn.signature_key() != mobilenet.signature_key()
+
+
+def test_local_weights_file_loads_without_pickle(mobilenet, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in mobilenet.model.state_dict().items()}
+    torch.save(state, tmp_path / "w.pth")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    image = small_images(("102",))
+    expected = mobilenet(image)[0]
+    for name in ("w.pth", "w.safetensors"):
+        loaded = make_fasterrcnn_mobilenet_detector(
+            **{**SMALL, "weights": str(tmp_path / name)}
+        )
+        assert loaded.signature()["weights"].startswith("sha256:")
+        got = loaded(image)[0]
+        assert got.labels == expected.labels
+        numpy.testing.assert_allclose(got.features, expected.features, atol=1e-6)
+
+
+class NotTensors:
+    pass
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    torch.save({"model": NotTensors()}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        make_fasterrcnn_mobilenet_detector(weights=str(tmp_path / "evil.pth"), device="cpu")
+
+
+def test_bad_weights_arguments() -> None:
+    with pytest.raises(FileNotFoundError):
+        make_fasterrcnn_mobilenet_detector(weights="/no/such/weights.pth", device="cpu")
+    with pytest.raises(ValueError, match="unknown weights 'IMAGENET'"):
+        make_fasterrcnn_mobilenet_detector(weights="IMAGENET", device="cpu")
+    with pytest.raises(ValueError, match="top_k"):
+        make_fasterrcnn_mobilenet_detector(weights=None, top_k=0, device="cpu")
