@@ -289,7 +289,7 @@ class ObjectUnits:
                 ImageWarning,
                 stacklevel=4,
             )
-        elif self.n_warnings == self.max_warnings + 1:
+        elif self.n_warnings == self.max_warnings + 1 and self.max_warnings > 0:
             warnings.warn(
                 f"More than {self.max_warnings} images could not be used; further "
                 "images are skipped without a warning (see ObjectUnits.n_warnings).",

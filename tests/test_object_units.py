@@ -1,0 +1,348 @@
+"""ObjectUnits: store first, detector on misses, bad images never stop a batch."""
+import shutil
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy
+import pytest
+import spacy
+import torch
+from PIL import Image
+from spacy.tokens import Doc, DocBin
+from spacy.util import registry
+from thinc.api import Config
+
+from spacy_agban.detection.cli import detect_command
+from spacy_agban.detection.detector import RandomWeightsWarning, make_fasterrcnn_mobilenet_detector, make_mask_rcnn_detector, signature_key
+from spacy_agban.detection.images import ImageLoader, ImageWarning
+from spacy_agban.detection.object_units import ObjectUnits
+from spacy_agban.detection.store import Detections, FeatureStore
+from spacy_agban.extensions import install_extensions
+from spacy_agban.visual_units import OBJECT, VisualUnit
+
+IMAGES = Path("/work/shared/data/twitter2015/images")
+SMALL = dict(weights=None, score_threshold=0.0, min_size=128, max_size=160, device="cpu", proposals=100)
+
+
+class FakeDetector:
+    """The detector interface, fast and exact: features are a function of the pixels."""
+
+    def __init__(self, top_k: int = 3, max_size: int = 160, batch_size: int = 2, tag: str = "a",
+                 fail_color: Optional[tuple] = None):
+        self.top_k, self.max_size, self.batch_size, self.tag = top_k, max_size, batch_size, tag
+        self.fail_color = fail_color
+        self.calls: List[int] = []
+
+    def signature(self) -> Dict[str, object]:
+        return {"model": "fake", "tag": self.tag, "top_k": self.top_k, "max_size": self.max_size}
+
+    def signature_key(self) -> str:
+        return signature_key(self.signature())
+
+    def __call__(self, images: List[Image.Image]) -> List[Detections]:
+        self.calls.append(len(images))
+        results = []
+        for image in images:
+            if self.fail_color is not None and image.getpixel((0, 0)) == self.fail_color:
+                raise RuntimeError("detector exploded")
+            mean = numpy.asarray(image, dtype="float32").mean(axis=(0, 1))
+            k = self.top_k
+            features = (numpy.arange(k * 1024, dtype="float32").reshape(k, 1024) % 7) + mean.sum()
+            width, height = image.size
+            boxes = numpy.array([[0, 0, width / (i + 1), height / (i + 1)] for i in range(k)], dtype="float32")
+            results.append(Detections(features, [f"obj{i}" for i in range(k)],
+                                      numpy.linspace(0.9, 0.5, k, dtype="float32"), boxes))
+        return results
+
+
+def colored(root: Path, name: str, color=(200, 30, 30), size=(64, 48)) -> str:
+    Image.new("RGB", size, color).save(root / name)
+    return name
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def nlp():
+    install_extensions()
+    return spacy.blank("en")
+
+
+def make_docs(nlp, images: list) -> List[Doc]:
+    docs = []
+    for i, image in enumerate(images):
+        doc = nlp.make_doc(f"post number {i}")
+        doc._.image = image
+        docs.append(doc)
+    return docs
+
+
+def as_tuples(units: List[List[VisualUnit]]):
+    return [[(u.source, u.label, u.score, u.box, u.vector.tobytes()) for u in doc_units] for doc_units in units]
+
+
+def test_units_have_the_interface_shape(root: Path, nlp) -> None:
+    source = ObjectUnits(detector=FakeDetector(), image_root=root, top_k=2)
+    (units,) = source(make_docs(nlp, [colored(root, "a.png")]))
+    assert len(units) == 2
+    for unit in units:
+        assert unit.source == OBJECT and unit.vector.shape == (1024,) and unit.vector.dtype == numpy.float32
+        assert isinstance(unit.score, float) and len(unit.box) == 4 and unit.label.startswith("obj")
+
+
+def test_docs_without_image_get_nothing_silently(root: Path, nlp) -> None:
+    detector = FakeDetector()
+    source = ObjectUnits(detector=detector, image_root=root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert source(make_docs(nlp, [None, None])) == [[], []]
+    assert detector.calls == []
+
+
+def test_bad_images_are_named_and_skipped(root: Path, nlp, monkeypatch) -> None:
+    monkeypatch.setattr(ImageLoader, "opener", staticmethod(lambda *a: pytest.fail("network used")))
+    good = colored(root, "good.png")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "junk.jpg").write_bytes(b"not an image at all")
+    Image.new("L", (5000, 5000)).save(root / "bomb.png")
+    (root.parent / "secret.png").write_bytes((root / good).read_bytes())
+    bad = ["missing.jpg", "empty.jpg", "junk.jpg", "bomb.png", "../secret.png", "http://example.com/x.jpg", 42]
+    source = ObjectUnits(detector=FakeDetector(), image_root=root, max_pixels=10_000_000)
+    with pytest.warns(ImageWarning) as record:
+        units = source(make_docs(nlp, [good] + bad + [good]))
+    assert len(units[0]) == 3 and as_tuples([units[0]]) == as_tuples([units[-1]])
+    assert all(u == [] for u in units[1:-1])
+    messages = " ".join(str(w.message) for w in record)
+    for name in bad:
+        assert repr(str(name)) in messages or str(name) in messages
+    assert "falls back to its caption or its text" in messages
+
+
+def test_detector_failure_costs_only_that_image(root: Path, nlp) -> None:
+    detector = FakeDetector(fail_color=(0, 0, 255), batch_size=4)
+    names = [colored(root, "a.png"), colored(root, "boom.png", (0, 0, 255)), colored(root, "c.png", (9, 9, 9))]
+    source = ObjectUnits(detector=detector, image_root=root)
+    with pytest.warns(ImageWarning, match="boom.png.*detector exploded"):
+        units = source(make_docs(nlp, names))
+    assert [len(u) for u in units] == [3, 0, 3]
+
+
+def test_warnings_are_capped(root: Path, nlp) -> None:
+    source = ObjectUnits(detector=FakeDetector(), image_root=root, max_warnings=3)
+    with pytest.warns(ImageWarning) as record:
+        source(make_docs(nlp, [f"gone{i}.jpg" for i in range(20)]))
+        source(make_docs(nlp, [f"gone{i}.jpg" for i in range(20)]))  # the same images again: quiet
+    assert len(record) == 4 and "further images are skipped" in str(record[-1].message)
+    assert source.n_warnings == 20
+
+
+def test_second_pass_runs_the_detector_zero_times(root: Path, tmp_path: Path, nlp) -> None:
+    names = [colored(root, f"{i}.png", (i * 40, 10, 10)) for i in range(5)]
+    store = tmp_path / "features.sqlite"
+    first = ObjectUnits(store=store, detector=FakeDetector(), image_root=root)
+    units = first(make_docs(nlp, names))
+    assert first.n_detector_images == 5
+    again = ObjectUnits(store=store, detector=FakeDetector(), image_root=root)
+    assert as_tuples(again(make_docs(nlp, names))) == as_tuples(units)
+    assert again.n_detector_images == 0 and again.n_store_hits == 5
+    # Same pixels under another name, or the same file read again: still a hit.
+    shutil.copy(root / names[0], root / "copy.png")
+    again(make_docs(nlp, ["copy.png", names[1]]))
+    assert again.n_detector_images == 0
+
+
+def test_changed_signature_invalidates(root: Path, tmp_path: Path, nlp) -> None:
+    names = [colored(root, "a.png")]
+    store = tmp_path / "f.sqlite"
+    ObjectUnits(store=store, detector=FakeDetector(tag="a"), image_root=root)(make_docs(nlp, names))
+    other = ObjectUnits(store=store, detector=FakeDetector(tag="b"), image_root=root)
+    other(make_docs(nlp, names))
+    assert other.n_detector_images == 1
+    assert len(FeatureStore(store).signatures()) == 2
+
+
+def test_changed_file_content_is_detected_again(root: Path, tmp_path: Path, nlp) -> None:
+    source = ObjectUnits(store=tmp_path / "f.sqlite", detector=FakeDetector(), image_root=root)
+    colored(root, "a.png", (1, 2, 3))
+    before = source(make_docs(nlp, ["a.png"]))
+    colored(root, "a.png", (100, 2, 3), size=(65, 48))
+    after = source(make_docs(nlp, ["a.png"]))
+    assert source.n_detector_images == 2 and as_tuples(before) != as_tuples(after)
+
+
+def test_images_shared_by_docs_are_detected_once(root: Path, nlp) -> None:
+    detector = FakeDetector(batch_size=8)
+    name = colored(root, "a.png")
+    source = ObjectUnits(detector=detector, image_root=root)
+    units = source(make_docs(nlp, [name, name, Path(root / name), None, name]))
+    assert source.n_detector_images == 1 and detector.calls == [1]
+    assert [len(u) for u in units] == [3, 3, 3, 0, 3]
+
+
+def test_batch_equals_one_doc_at_a_time(root: Path, nlp) -> None:
+    images = [colored(root, f"{i}.png", (i * 20, 50, 90), size=(40 + i * 7, 30 + i * 3)) for i in range(7)]
+    images.append(Image.new("RGB", (20, 20), (1, 200, 3)))  # an in-memory image
+    images.insert(3, None)
+    batched = ObjectUnits(detector=FakeDetector(batch_size=3), image_root=root)
+    single = ObjectUnits(detector=FakeDetector(batch_size=3), image_root=root)
+    docs = make_docs(nlp, images)
+    together = batched(docs)
+    alone = [single([doc])[0] for doc in docs]
+    assert as_tuples(together) == as_tuples(alone)
+    assert [len(u) for u in together] == [3, 3, 3, 0, 3, 3, 3, 3, 3]
+
+
+def test_boxes_come_back_in_original_coordinates(root: Path, nlp) -> None:
+    colored(root, "big.png", size=(800, 600))
+    source = ObjectUnits(detector=FakeDetector(max_size=160), image_root=root)  # loads at 160x120
+    (units,) = source(make_docs(nlp, ["big.png"]))
+    assert units[0].box == pytest.approx((0, 0, 800, 600))
+
+
+def test_store_only_source(root: Path, tmp_path: Path, nlp) -> None:
+    store = tmp_path / "f.sqlite"
+    names = [colored(root, "a.png"), colored(root, "b.png", (5, 5, 5))]
+    filled = ObjectUnits(store=store, detector=FakeDetector(), image_root=root)(make_docs(nlp, names[:1]))
+    reader = ObjectUnits(store=str(store), detector=None, image_root=root)
+    with pytest.warns(ImageWarning, match="no detector is configured") as record:
+        units = reader(make_docs(nlp, names))
+        reader(make_docs(nlp, names))
+    assert len(record) == 1  # once, not per batch
+    assert as_tuples(units[:1]) == as_tuples(filled) and units[1] == []
+
+
+def test_store_only_needs_a_signature_when_ambiguous(root: Path, tmp_path: Path, nlp) -> None:
+    store = tmp_path / "f.sqlite"
+    name = colored(root, "a.png")
+    for tag in ("a", "b"):
+        ObjectUnits(store=store, detector=FakeDetector(tag=tag), image_root=root)(make_docs(nlp, [name]))
+    with pytest.raises(ValueError, match="2 detector signatures"):
+        ObjectUnits(store=store, image_root=root)(make_docs(nlp, [name]))
+    key = FakeDetector(tag="b").signature_key()
+    (units,) = ObjectUnits(store=store, image_root=root, signature=key)(make_docs(nlp, [name]))
+    assert len(units) == 3
+    with pytest.raises(ValueError, match="needs a feature store, a detector"):
+        ObjectUnits()
+
+
+def test_built_from_a_config(tmp_path: Path) -> None:
+    config = Config().from_str(f"""
+    [units]
+    @misc = "spacy_agban.ObjectUnits.v1"
+    store = "{tmp_path / 'f.sqlite'}"
+    image_root = null
+    top_k = 2
+
+    [units.detector]
+    @misc = "spacy_agban.FasterRCNNMobileNetDetector.v1"
+    weights = null
+    top_k = 3
+    score_threshold = 0.0
+    min_size = 128
+    max_size = 160
+    device = "cpu"
+    """)
+    with pytest.warns(RandomWeightsWarning):
+        units = registry.resolve(config)["units"]
+    assert isinstance(units, ObjectUnits) and units.top_k == 2 and units.detector.max_size == 160
+
+
+@pytest.fixture(scope="module")
+def maskrcnn():
+    torch.manual_seed(0)
+    with pytest.warns(RandomWeightsWarning):
+        return make_mask_rcnn_detector(top_k=3, batch_size=4, **SMALL)
+
+
+def test_real_detector_batch_equals_single(maskrcnn, nlp) -> None:
+    # 106 and 113 share an input shape, so they form one detector batch; batched
+    # convolutions differ from single ones only by float rounding.
+    names = ["106.jpg", None, "113.jpg", "102.jpg"]
+    batched = ObjectUnits(detector=maskrcnn, image_root=IMAGES)(make_docs(nlp, names))
+    single_source = ObjectUnits(detector=maskrcnn, image_root=IMAGES)
+    single = [single_source(make_docs(nlp, [n]))[0] for n in names]
+    assert [len(u) for u in batched] == [3, 0, 3, 3]
+    for a_units, b_units in zip(batched, single):
+        assert [u.label for u in a_units] == [u.label for u in b_units]
+        for a, b in zip(a_units, b_units):
+            numpy.testing.assert_allclose(a.vector, b.vector, rtol=1e-3, atol=1e-3)
+            numpy.testing.assert_allclose(a.box, b.box, rtol=1e-4, atol=0.05)  # original pixels
+
+
+def test_fifteen_real_images_end_to_end(tmp_path: Path, nlp) -> None:
+    names = sorted(p.name for p in IMAGES.glob("*.jpg"))
+    assert len(names) == 15
+    torch.manual_seed(0)
+    with pytest.warns(RandomWeightsWarning):
+        detector = make_fasterrcnn_mobilenet_detector(top_k=3, batch_size=4, **SMALL)
+    store = tmp_path / "f.sqlite"
+    source = ObjectUnits(store=store, detector=detector, image_root=IMAGES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImageWarning)
+        units = source(make_docs(nlp, names))
+    assert source.n_detector_images == 15
+    assert all(len(u) == 3 and u[0].vector.shape == (1024,) for u in units)
+    for name, doc_units in zip(names, units):
+        width, height = Image.open(IMAGES / name).size
+        for unit in doc_units:
+            x0, y0, x1, y1 = unit.box
+            assert 0 <= x0 <= x1 <= width + 1e-3 and 0 <= y0 <= y1 <= height + 1e-3
+    again = ObjectUnits(store=store, detector=detector, image_root=IMAGES)
+    assert as_tuples(again(make_docs(nlp, names))) == as_tuples(units)
+    assert again.n_detector_images == 0
+
+
+# -- the detect command -------------------------------------------------------
+
+
+def test_detect_command_on_a_folder_is_resumable(tmp_path: Path, root: Path, capsys) -> None:
+    for name in ("102.jpg", "106.jpg"):
+        shutil.copy(IMAGES / name, root / name)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    args = dict(image_root=None, detector="mobilenet", weights="random", min_size=128, max_size=160,
+                top_k=3, batch_size=2, score_threshold=0.0, device="cpu", limit=None, allow_remote=False)
+    store = tmp_path / "f.sqlite"
+    torch.manual_seed(0)  # the same random weights (hence signature) in both runs
+    with pytest.warns(RandomWeightsWarning):
+        first = detect_command(root, store, **args)
+    assert (first["detected"], first["cached"], first["failed"]) == (2, 0, 1)
+    assert "broken.jpg" in capsys.readouterr().out
+    torch.manual_seed(0)
+    with pytest.warns(RandomWeightsWarning):
+        second = detect_command(root, store, **args)
+    assert (second["detected"], second["cached"], second["failed"]) == (0, 2, 1)
+    (failure,) = [f for sig in FeatureStore(store).signatures() for f in FeatureStore(store).failures(sig)]
+    assert failure.name == "broken.jpg" and failure.attempts == 2
+
+
+def test_detect_command_on_a_docbin(tmp_path: Path, root: Path, nlp) -> None:
+    shutil.copy(IMAGES / "102.jpg", root / "102.jpg")
+    docs = make_docs(nlp, ["102.jpg", "999.jpg", None, "102.jpg"])
+    DocBin(docs=docs, store_user_data=True).to_disk(tmp_path / "train.spacy")
+    with pytest.warns(RandomWeightsWarning):
+        summary = detect_command(
+            tmp_path / "train.spacy", tmp_path / "f.sqlite", image_root=root, detector="mobilenet",
+            weights="random", min_size=128, max_size=160, top_k=3, batch_size=2, score_threshold=0.0,
+            device="cpu", limit=None, allow_remote=False,
+        )
+    assert (summary["images"], summary["detected"], summary["missing"]) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("make_folder", [False, True])
+def test_detect_command_without_images_exits_cleanly(tmp_path: Path, capsys, make_folder: bool) -> None:
+    folder = tmp_path / "images"
+    if make_folder:
+        folder.mkdir()
+    summary = detect_command(folder, tmp_path / "f.sqlite", image_root=None, detector="maskrcnn",
+                             weights="random", min_size=128, max_size=None, top_k=3, batch_size=1,
+                             score_threshold=0.0, device="cpu", limit=None, allow_remote=False)
+    assert summary["images"] == 0
+    out = capsys.readouterr().out
+    assert str(folder) in out and "captions/text" in out
+    assert not (tmp_path / "f.sqlite").exists()  # nothing built, nothing written
