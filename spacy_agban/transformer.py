@@ -8,7 +8,7 @@ is the stock listener plus the realignment: it drops the outputs of empty docs a
 them empty gradients back.
 """
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from spacy.tokens import Doc
 from spacy.util import registry
@@ -19,12 +19,22 @@ from thinc.types import Floats2d, Ragged
 
 @registry.architectures("spacy_agban.TransformerListener.v1")
 def make_transformer_listener(
-    pooling: Model[Ragged, Floats2d], grad_factor: float = 1.0, upstream: str = "*"
+    pooling: Model[Ragged, Floats2d],
+    grad_factor: float = 1.0,
+    upstream: str = "*",
+    width: Optional[int] = None,
 ) -> Model[List[Doc], List[Floats2d]]:
-    """``spacy-transformers.TransformerListener.v1`` that accepts the batch without its empty docs."""
+    """``spacy-transformers.TransformerListener.v1`` that accepts the batch without its empty docs.
+
+    width: the transformer's hidden size (384 for MiniLM, 1024 for roberta-large).
+    ``agban`` builds its torch module before it loads the saved weights, when the
+    width cannot be inferred from data: loading a trained pipeline needs it. Checked
+    against the real width when the pipeline is initialized.
+    """
     listener = transformer_listener_tok2vec_v1(pooling, grad_factor, upstream)
     return Model(
-        "agban_transformer_listener", _forward, init=_init, layers=[listener], dims={"nO": None}
+        "agban_transformer_listener", _forward, init=_init, layers=[listener],
+        dims={"nO": None}, attrs={"width": width},
     )
 
 
@@ -37,10 +47,22 @@ def minilm_path() -> str:
 
 
 def _init(model: Model, X=None, Y=None) -> Model:
-    listener = model.layers[0]
-    listener.initialize(X=X)
-    if listener.has_dim("nO"):
-        model.set_dim("nO", listener.get_dim("nO"), force=True)
+    chained = model.layers[0]
+    chained.initialize(X=X)
+    configured = model.attrs["width"]
+    inferred = chained.get_dim("nO") if chained.has_dim("nO") else None
+    if inferred is not None and configured is not None and inferred != configured:
+        raise ValueError(
+            f"The transformer gives {inferred}-d token vectors, but the agban token_encoder "
+            f"has width = {configured}: set width = {inferred} in its config."
+        )
+    width = inferred or configured
+    if width is None:  # loading a pipeline: no data to infer the width from
+        raise ValueError(
+            "spacy_agban.TransformerListener.v1 needs width (the transformer's hidden size) "
+            "to load a trained pipeline."
+        )
+    model.set_dim("nO", width, force=True)
     return model
 
 

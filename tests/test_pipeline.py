@@ -1,0 +1,146 @@
+"""The agban component end to end on a tiny model (after spaCy's test_ner overfitting)."""
+import numpy
+import pytest
+import spacy
+from spacy.training import Example
+
+from conftest import (
+    CAPTION_POSTS, TEXT_POSTS, ents, make_doc, make_examples, make_nlp, train,
+)
+
+
+def test_overfit_with_caption_units_then_reload(caption_pipeline):
+    nlp, path = caption_pipeline
+    expected = [entities for _, _, entities in CAPTION_POSTS]
+    docs = [nlp(make_doc(nlp, text, caption)) for text, caption, _ in CAPTION_POSTS]
+    assert [ents(d) for d in docs] == expected
+    assert docs[0]._.visual_units and all(u["source"] == "caption" for u in docs[0]._.visual_units)
+    reloaded = spacy.load(path)
+    docs2 = [reloaded(make_doc(reloaded, text, caption)) for text, caption, _ in CAPTION_POSTS]
+    assert [ents(d) for d in docs2] == expected
+    assert docs2[0]._.visual_units == docs[0]._.visual_units
+
+
+def test_overfit_text_only_then_reload(tmp_path):
+    nlp = make_nlp(fusion="none", adversarial=False, caption_top_k=None)
+    losses = train(nlp, make_examples(nlp, TEXT_POSTS))
+    assert losses["agban"] < 0.5
+    assert losses["agban_adv"] == 0.0
+    expected = [entities for _, _, entities in TEXT_POSTS]
+    assert [ents(nlp(t)) for t, _, _ in TEXT_POSTS] == expected
+    nlp.to_disk(tmp_path / "model")
+    reloaded = spacy.load(tmp_path / "model")
+    assert [ents(reloaded(t)) for t, _, _ in TEXT_POSTS] == expected
+
+
+def test_text_only_cannot_fit_caption_dependent_types():
+    """The control for the caption test: without units the two 'Kolo' posts collide."""
+    nlp = make_nlp(fusion="none", adversarial=False, caption_top_k=None)
+    train(nlp, make_examples(nlp, CAPTION_POSTS))
+    first, second = (nlp(make_doc(nlp, t, c)) for t, c, _ in CAPTION_POSTS[:2])
+    assert ents(first) == ents(second)
+
+
+def test_pipe_equals_call_for_a_mixed_batch(caption_pipeline):
+    nlp, _ = caption_pipeline
+    posts = [
+        ("Kolo is here", "a dog playing on the grass"),
+        ("", "a man smiling"),
+        ("Kolo is here", None),
+        ("Visiting Apple today in Paris with Kolo " * 5, "a store with phones"),
+        ("I love Paris", "zzz unknownword"),
+    ]
+    one_by_one = [nlp(make_doc(nlp, t, c)) for t, c in posts]
+    batched = list(nlp.pipe([make_doc(nlp, t, c) for t, c in posts], batch_size=5))
+    assert [ents(d) for d in batched] == [ents(d) for d in one_by_one]
+    assert [d._.visual_units for d in batched] == [d._.visual_units for d in one_by_one]
+    assert one_by_one[2]._.visual_units == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "Kolo", "Kolo is here " * 200, "Kolo 😀🔥 is here 👍", "東京 で Kolo に 会った", "Привет Kolo !"],
+)
+def test_edge_docs_get_a_tag_per_token(caption_pipeline, text):
+    nlp, _ = caption_pipeline
+    doc = make_doc(nlp, text, "a dog playing on the grass")
+    pred = nlp.get_pipe("agban").predict([doc])[0]
+    assert len(pred["tags"]) == len(doc)
+    nlp(doc)  # sets ents without error
+    assert all(e.end <= len(doc) for e in doc.ents)
+
+
+def test_long_doc_is_600_tokens(caption_pipeline):
+    nlp, _ = caption_pipeline
+    assert len(nlp.make_doc("Kolo is here " * 200)) == 600
+
+
+def test_uninitialized_pipe_raises_a_clear_error():
+    nlp = make_nlp()
+    with pytest.raises(ValueError, match="not initialized"):
+        nlp("Kolo is here")
+
+
+def test_update_skips_empty_docs_and_reports_both_losses():
+    nlp = make_nlp()
+    examples = make_examples(nlp, CAPTION_POSTS)
+    optimizer = nlp.initialize(lambda: examples)
+    empty = Example.from_dict(nlp.make_doc(""), {"entities": []})
+    losses = {}
+    nlp.update([empty], sgd=optimizer, losses=losses)
+    assert losses["agban"] == 0.0
+    nlp.update(examples + [empty], sgd=optimizer, losses=losses)
+    assert losses["agban"] > 0.0 and losses["agban_adv"] > 0.0
+
+
+def test_every_parameter_is_updated_by_the_optimizer():
+    """CRF transitions and the discriminator sit inside the wrapped module."""
+    from spacy_agban.architectures import get_module
+
+    nlp = make_nlp()
+    examples = make_examples(nlp, CAPTION_POSTS)
+    optimizer = nlp.initialize(lambda: examples)
+    module = get_module(nlp.get_pipe("agban").model)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    nlp.update(examples, sgd=optimizer)
+    unchanged = [k for k, v in module.named_parameters() if k in before and torch_equal(v, before[k])]
+    # word_embed rows of unseen words stay put; everything else must move
+    assert "output.crf.transitions" not in unchanged
+    assert not [k for k in unchanged if k.startswith(("discriminator", "fusion", "visual"))]
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a.detach() == b).all())
+
+
+def test_vector_lookup_is_lowercase_before_and_after_reload(tmp_path):
+    """PITFALLS: the lookup the model trained with must be the one it uses after loading."""
+    from spacy_agban.featurize import static_vectors
+
+    nlp = make_nlp(fusion="none", adversarial=False, caption_top_k=None)
+    train(nlp, make_examples(nlp, TEXT_POSTS), steps=2)
+    expected = nlp.vocab.get_vector("paris")
+    assert numpy.allclose(static_vectors(nlp.make_doc("PARIS Paris"), 8), expected)
+    nlp.to_disk(tmp_path / "model")
+    reloaded = spacy.load(tmp_path / "model")
+    vectors = static_vectors(reloaded.make_doc("PARIS Paris"), 8)
+    assert numpy.allclose(vectors, expected) and numpy.abs(vectors).sum() > 0
+
+
+def test_attention_is_recorded_on_request(caption_pipeline):
+    nlp, _ = caption_pipeline
+    pipe = nlp.get_pipe("agban")
+    pipe.record_attention = True
+    try:
+        docs = list(nlp.pipe([
+            make_doc(nlp, "Kolo is here", "a dog playing on the grass"),
+            make_doc(nlp, "I love Paris", "the tower"),
+            make_doc(nlp, "Kolo is here", None),
+        ]))
+    finally:
+        pipe.record_attention = False
+    full, short, none = (d._.agban_attention for d in docs)
+    assert numpy.allclose(numpy.asarray(full["attention"]).sum(axis=1), 1.0)
+    assert numpy.asarray(short["attention"]).shape == (3, 1)
+    assert numpy.asarray(none["attention"]).shape == (3, 0)
+    assert all(0.0 <= g <= 1.0 for g in full["gate"])
