@@ -181,3 +181,12 @@ def test_unknown_schema_version_refused(tmp_path: Path) -> None:
 def test_detections_validate_shapes() -> None:
     with pytest.raises(ValueError):
         Detections(numpy.zeros((2, 8)), ["a"], numpy.zeros(2), numpy.zeros((2, 4)))
+
+
+def test_store_pickles_without_its_connection(tmp_path: Path) -> None:
+    import pickle
+
+    store = FeatureStore(tmp_path / "f.sqlite")
+    store.put("k", "s", random_detections(numpy.random.default_rng(6), 1, 8))
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy.get("k", "s") is not None

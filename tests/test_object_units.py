@@ -46,9 +46,9 @@ class FakeDetector:
         for image in images:
             if self.fail_color is not None and image.getpixel((0, 0)) == self.fail_color:
                 raise RuntimeError("detector exploded")
-            mean = numpy.asarray(image, dtype="float32").mean(axis=(0, 1))
+            mean = numpy.asarray(image, dtype="float32").mean(axis=(0, 1)) / 255  # r, g, b
             k = self.top_k
-            features = (numpy.arange(k * 1024, dtype="float32").reshape(k, 1024) % 7) + mean.sum()
+            features = numpy.resize(mean, (k, 1024)) + 0.1 * numpy.arange(k, dtype="float32")[:, None]
             width, height = image.size
             boxes = numpy.array([[0, 0, width / (i + 1), height / (i + 1)] for i in range(k)], dtype="float32")
             results.append(Detections(features, [f"obj{i}" for i in range(k)],
@@ -346,3 +346,62 @@ def test_detect_command_without_images_exits_cleanly(tmp_path: Path, capsys, mak
     out = capsys.readouterr().out
     assert str(folder) in out and "captions/text" in out
     assert not (tmp_path / "f.sqlite").exists()  # nothing built, nothing written
+
+
+# -- object units inside the agban pipe ------------------------------------------------
+
+TINY_MODEL = {"hidden": 16, "gban_dim": 8, "gate_dim": 8, "discriminator_hidden": 8,
+              "char_dim": 8, "char_hidden": 8, "word_dim": 8, "dropout": 0.0}
+# The same text with different images has different entity types: only a model that
+# uses the object units can fit all of them.
+IMAGE_POSTS = [
+    ("Kolo is here", "red.png", [(0, 4, "MISC")]),
+    ("Kolo is here", "blue.png", [(0, 4, "PER")]),
+    ("I love Paris", "red.png", [(7, 12, "LOC")]),
+    ("Visiting Apple today", "blue.png", [(9, 14, "ORG")]),
+]
+
+
+def test_object_units_in_the_pipe_call_pipe_and_reload(tmp_path: Path, root: Path) -> None:
+    """Plumbing only (no training): the pipe reads stored object units through the
+    config, records them on the doc, and gives the same result piped, called and
+    reloaded, without a detector."""
+    pytest.importorskip("spacy_agban.pipeline")
+    from spacy.training import Example
+
+    colored(root, "red.png", (255, 0, 0))
+    colored(root, "blue.png", (0, 0, 255))
+    store = tmp_path / "f.sqlite"
+    filler = ObjectUnits(store=store, detector=FakeDetector(), image_root=root)
+    filler.detections_for(["red.png", "blue.png"])
+    units_config = {"@misc": "spacy_agban.ObjectUnits.v1", "store": str(store),
+                    "image_root": str(root), "signature": filler.signature}
+    nlp = spacy.blank("en")
+    nlp.add_pipe("agban", config={"model": {**TINY_MODEL, "fusion": "gban"},
+                                  "caption_units": None, "object_units": units_config})
+
+    def docs_of(pipeline, with_images: bool = True) -> List[Doc]:
+        docs = []
+        for text, image, _ in IMAGE_POSTS:
+            doc = pipeline.make_doc(text)
+            doc._.image = image if with_images else None
+            docs.append(doc)
+        return docs
+
+    examples = [Example.from_dict(doc, {"entities": ents}) for doc, (_, _, ents) in zip(docs_of(nlp), IMAGE_POSTS)]
+    nlp.initialize(lambda: examples)
+
+    def tags(docs) -> list:
+        return [[(t.ent_iob_, t.ent_type_) for t in doc] for doc in docs]
+
+    called = [nlp(doc) for doc in docs_of(nlp)]
+    piped = list(nlp.pipe(docs_of(nlp), batch_size=3))
+    assert tags(called) == tags(piped)
+    assert [u["source"] for u in called[0]._.visual_units] == [OBJECT] * 3
+    assert called[0]._.visual_units[0]["box"] == [0.0, 0.0, 64.0, 48.0]
+    without = [nlp(doc) for doc in docs_of(nlp, with_images=False)]
+    assert all(doc._.visual_units == [] for doc in without)
+    nlp.to_disk(tmp_path / "model")
+    reloaded = spacy.load(tmp_path / "model")
+    assert tags(reloaded(doc) for doc in docs_of(reloaded)) == tags(called)
+    assert reloaded.get_pipe("agban").object_units.n_detector_images == 0

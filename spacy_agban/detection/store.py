@@ -108,6 +108,15 @@ class FeatureStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._setup(self._connection())
 
+    def __getstate__(self) -> Dict[str, object]:
+        # Connections never travel (pickling for spawned worker processes): reopen there.
+        return {"path": self.path, "timeout": self.timeout}
+
+    def __setstate__(self, state: Dict[str, object]) -> None:
+        self.path = state["path"]  # type: ignore[assignment]
+        self.timeout = state["timeout"]  # type: ignore[assignment]
+        self._local = threading.local()
+
     def _connection(self) -> sqlite3.Connection:
         # A connection must not cross a fork or a thread: keep one per (pid, thread).
         conn = getattr(self._local, "conn", None)
