@@ -231,6 +231,14 @@ def test_store_only_needs_a_signature_when_ambiguous(root: Path, tmp_path: Path,
         ObjectUnits()
 
 
+def test_empty_store_without_detector_falls_back_with_one_warning(root: Path, tmp_path: Path, nlp) -> None:
+    source = ObjectUnits(store=tmp_path / "absent" / "f.sqlite", image_root=root)
+    with pytest.warns(ImageWarning, match="no detector is configured") as record:
+        assert source(make_docs(nlp, [colored(root, "a.png"), None])) == [[], []]
+        source(make_docs(nlp, ["a.png"]))
+    assert len(record) == 1
+
+
 def test_built_from_a_config(tmp_path: Path) -> None:
     config = Config().from_str(f"""
     [units]

@@ -126,11 +126,11 @@ class ObjectUnits:
         known = self.store.signatures()
         if len(known) == 1:
             return next(iter(known))
+        if not known:  # every lookup misses; __call__ warns once, docs fall back
+            return ""
         raise ValueError(
             f"the feature store {self.store.path} holds {len(known)} detector signatures; "
             f"configure object units with signature = one of {sorted(known)}"
-            if known
-            else f"the feature store {self.store.path} is empty and no detector is configured"
         )
 
     # -- ObjectUnitSource -------------------------------------------------------
