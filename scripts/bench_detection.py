@@ -130,6 +130,11 @@ def markdown(rows: List[Dict[str, Any]], store: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write(path: Path, result: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8, help="images per configuration")
@@ -154,14 +159,15 @@ def main() -> None:
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             rows.extend(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"{model} {size}px done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            write(args.output, {"detection": rows, "partial": True})  # survives an interrupted run
     store = bench_store(args.folder)
     result = {
+        # Other work on the machine slows every row alike; the load average says how much.
         "machine": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0], "python": sys.version.split()[0]},
         "weights": "random (weights=None); score_threshold 0.05, top_k 3, 1000 RPN proposals",
         "detection": rows, "store_hit": store, "total_seconds": time.perf_counter() - started,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
+    write(args.output, result)
     print(markdown(rows, store))
     print(f"\n(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; JSON in {args.output})")
 
