@@ -113,8 +113,8 @@ def plot_training(runs: Sequence[TrainingCurves], output: Path) -> Path:
     axes[2].set_title("dev F1 (ents_f)")
     missing = [run.name for run in runs if not run.has_adversarial]
     if missing:
-        axes[1].text(0.5, 0.5, "not in the log for:\n" + "\n".join(missing),
-                     transform=axes[1].transAxes, ha="center", va="center", color="#888")
+        axes[1].text(0.02, 0.02, "not in the log for: " + ", ".join(missing),
+                     transform=axes[1].transAxes, ha="left", va="bottom", color="#888", fontsize=8)
     for axis in axes:
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -245,10 +245,15 @@ class ModalityMap:
 
 def modality_map(
     name: str, projections: Projections, max_points: int = 1500, seed: int = 0,
-    perplexity: float = 30.0,
+    perplexity: float = 30.0, threads: int = 1,
 ) -> ModalityMap:
-    """t-SNE of (sub-sampled) tokens and units together, in one space."""
+    """t-SNE of (sub-sampled) tokens and units together, in one space.
+
+    ``threads`` caps the OpenMP threads of t-SNE: on a busy machine extra threads
+    spin-wait and make it several times slower, not faster.
+    """
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     rng = numpy.random.default_rng(seed)
     if len(projections.units) == 0:
@@ -264,8 +269,10 @@ def modality_map(
         n_components=2, perplexity=min(perplexity, (len(features) - 1) / 3), init="pca",
         random_state=seed,
     )
-    points = tsne.fit_transform(features.astype("float64"))
-    return ModalityMap(name, points, modality, probe_accuracy(features, is_visual, seed))
+    with threadpool_limits(limits=threads):
+        points = tsne.fit_transform(features.astype("float64"))
+        accuracy = probe_accuracy(features, is_visual, seed)
+    return ModalityMap(name, points, modality, accuracy)
 
 
 def probe_accuracy(features: numpy.ndarray, is_visual: numpy.ndarray, seed: int = 0) -> Optional[float]:
@@ -325,6 +332,7 @@ def plot_modalities_command(
     max_points: int = typer.Option(1500, help="At most this many tokens, and this many units, per panel"),
     perplexity: float = typer.Option(30.0, help="t-SNE perplexity"),
     seed: int = typer.Option(0, help="Random seed (sampling and t-SNE)"),
+    threads: int = typer.Option(1, help="CPU threads for t-SNE (more only pays on an idle machine)"),
     component: str = typer.Option("agban", help="Name of the agban component in the pipeline"),
 ) -> None:
     """t-SNE of the projected token (G_T) and visual-unit (G_V) features, per model."""
@@ -340,7 +348,7 @@ def plot_modalities_command(
         try:
             projections = collect_projections(nlp, corpus_inputs(nlp, corpus, limit), component)
             maps.append(modality_map(model_label(path, nlp, component), projections,
-                                     max_points, seed, perplexity))
+                                     max_points, seed, perplexity, threads))
         except ValueError as err:
             typer.echo(f"error: {path}: {err}", err=True)
             raise typer.Exit(1)
