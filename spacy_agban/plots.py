@@ -1,7 +1,8 @@
 """Figures about training and about the shared feature space.
 
 - ``plot-training``: the CRF loss, the adversarial loss and dev F1 over training,
-  read from the JSONL log that spaCy's ``ConsoleLogger.v3`` writes (``output_file``).
+  read from the JSONL log that spaCy's ``ConsoleLogger.v3`` writes (``output_file``),
+  or from its console table while a run is still going.
 - ``plot-modalities``: t-SNE of the projected token features G_T and visual-unit
   features G_V, coloured by modality, one panel per model: adversarial learning
   (eq. 25) should leave the two modalities harder to tell apart.
@@ -9,6 +10,7 @@
 matplotlib and scikit-learn (the ``viz`` extra) are imported only when drawing.
 """
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,32 +45,54 @@ class TrainingCurves:
     adversarial_loss: List[Optional[float]] = field(default_factory=list)
     dev_f1: List[Optional[float]] = field(default_factory=list)
 
+    def add(self, step: int, crf: float, adversarial: Optional[float], f1: Optional[float]) -> None:
+        self.steps.append(step)
+        self.crf_loss.append(crf)
+        self.adversarial_loss.append(adversarial)
+        self.dev_f1.append(f1)
+
     @property
     def has_adversarial(self) -> bool:
         return any(v is not None for v in self.adversarial_loss)
 
 
 def find_training_log(training_output: Path) -> Path:
-    """The JSONL log of a run: the path itself, ``<folder>.jsonl`` or ``<folder>/log.jsonl``."""
+    """The log of a run: the path itself, ``<folder>.jsonl`` or ``<folder>/log.jsonl``.
+
+    spaCy's logger writes the JSONL through a buffer that is flushed only when training
+    ends, so while a run is going its JSONL is empty: then the console log
+    ``<folder>.log`` (the table spaCy prints) is used, if there is one.
+    """
     if training_output.is_file():
         return training_output
     candidates = [training_output.parent / f"{training_output.name}.jsonl", training_output / "log.jsonl"]
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.is_file() and candidate.stat().st_size:
             return candidate
-    tried = ", ".join(str(c) for c in [training_output] + candidates)
-    raise FileNotFoundError(f"No training log found (tried {tried})")
+    console = training_output.parent / f"{training_output.name}.log"
+    if console.is_file():
+        return console
+    tried = ", ".join(str(c) for c in [training_output] + candidates + [console])
+    raise FileNotFoundError(f"No training log found (tried {tried}; an empty JSONL counts as none)")
 
 
 def read_training_log(path: Path, component: str = "agban", name: Optional[str] = None) -> TrainingCurves:
-    """Parse the logger's JSONL: losses ``{component, component_adv}``, dev ``ents_f``.
+    """Parse the logger's JSONL (or, for a ``.log`` file, spaCy's console table)."""
+    name = name or path.name.rsplit(".", 1)[0]
+    if path.suffix == ".log":
+        return read_console_log(path, component, name)
+    return read_jsonl_log(path, component, name)
+
+
+def read_jsonl_log(path: Path, component: str, name: str) -> TrainingCurves:
+    """Losses ``{component, component_adv}`` and dev ``ents_f`` from the JSONL log.
 
     The adversarial loss is missing from logs written before the pipe reported it
     (and from spaCy's stock logger, which logs one loss per pipe): it is then None.
     spaCy writes the dev scores under ``scores`` (in percent); ``other_scores`` (0-1)
     is read too. A line that is not valid JSON (a run still writing) is skipped.
     """
-    curves = TrainingCurves(name or path.name.removesuffix(".jsonl"))
+    curves = TrainingCurves(name)
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -79,11 +103,35 @@ def read_training_log(path: Path, component: str = "agban", name: Optional[str] 
         losses = row.get("losses") or {}
         if component not in losses:
             continue
-        curves.steps.append(int(row["step"]))
-        curves.crf_loss.append(float(losses[component]))
         adversarial = losses.get(f"{component}_adv")
-        curves.adversarial_loss.append(None if adversarial is None else float(adversarial))
-        curves.dev_f1.append(_dev_f1(row))
+        curves.add(int(row["step"]), float(losses[component]),
+                   None if adversarial is None else float(adversarial), _dev_f1(row))
+    return curves
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def read_console_log(path: Path, component: str, name: str) -> TrainingCurves:
+    """The table ``E  #  LOSS <COMPONENT> ... ENTS_F ... SCORE`` that spaCy prints."""
+    curves = TrainingCurves(name)
+    columns: List[str] = []
+    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = _ANSI.sub("", raw.rsplit("\r", 1)[-1]).strip()
+        if line.startswith("E ") and "#" in line:
+            columns = re.split(r"\s{2,}", line)
+            continue
+        values = line.split()
+        if not columns or len(values) != len(columns) or not values[0].isdigit():
+            continue
+        row = dict(zip(columns, values))
+        loss = row.get(f"LOSS {component.upper()}")
+        if loss is None:
+            continue
+        adversarial = row.get(f"LOSS {component.upper()}_ADV")
+        f1 = row.get("ENTS_F")
+        curves.add(int(row["#"]), float(loss), None if adversarial is None else float(adversarial),
+                   None if f1 is None else float(f1) / 100.0)
     return curves
 
 
@@ -139,8 +187,10 @@ def plot_training_command(
         except FileNotFoundError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1)
-        name = training_output.name.removesuffix(".jsonl") if training_output.is_file() else training_output.name
+        name = training_output.name.rsplit(".", 1)[0] if training_output.is_file() else training_output.name
         run = read_training_log(log, component, name=name)
+        if log.suffix == ".log":
+            typer.echo(f"note: read the console table of {log} (no JSONL yet: spaCy writes it at the end)")
         if not run.steps:
             typer.echo(f"error: {log} has no evaluations with a '{component}' loss yet", err=True)
             raise typer.Exit(1)

@@ -80,6 +80,28 @@ def test_find_training_log(tmp_path):
         find_training_log(tmp_path / "runs")
 
 
+CONSOLE_LOG = """\x1b[38;5;4mi Saving results to training/runs/run.jsonl\x1b[0m
+E    #       LOSS AGBAN  LOSS AGBAN_ADV  ENTS_F  ENTS_P  ENTS_R  SCORE 
+---  ------  ----------  --------------  ------  ------  ------  ------
+  0       0      346.26            1.39    0.24    0.32    0.19    0.00
+  1     400    28192.05          550.10   57.56   68.88   49.44    0.58
+\u2714 Saved pipeline to output directory
+"""
+
+
+def test_running_training_falls_back_to_the_console_log(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run.jsonl").write_text("", encoding="utf-8")  # spaCy flushes it at the end
+    (tmp_path / "run.log").write_text(CONSOLE_LOG, encoding="utf-8")
+    log = find_training_log(tmp_path / "run")
+    assert log == tmp_path / "run.log"
+    curves = read_training_log(log)
+    assert curves.steps == [0, 400]
+    assert curves.crf_loss == pytest.approx([346.26, 28192.05])
+    assert curves.adversarial_loss == pytest.approx([1.39, 550.10])
+    assert curves.dev_f1 == pytest.approx([0.0024, 0.5756])
+
+
 def test_plot_training_command(tmp_path):
     (tmp_path / "agban").mkdir()
     write_log(tmp_path / "agban.jsonl", adversarial=True)
