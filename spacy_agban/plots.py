@@ -51,6 +51,16 @@ class TrainingCurves:
         self.adversarial_loss.append(adversarial)
         self.dev_f1.append(f1)
 
+    def updates(self) -> List[int]:
+        """Updates in each eval interval: spaCy sums the losses over the interval, then
+        resets them; the first evaluation (step 0) comes after a single update."""
+        previous = [-1] + self.steps[:-1]
+        return [max(1, step - before) for step, before in zip(self.steps, previous)]
+
+    def per_update(self, losses: List[Optional[float]]) -> List[Tuple[int, float]]:
+        """(step, mean loss per update over the interval) where the loss was logged."""
+        return [(s, v / n) for s, v, n in zip(self.steps, losses, self.updates()) if v is not None]
+
     @property
     def has_adversarial(self) -> bool:
         return any(v is not None for v in self.adversarial_loss)
@@ -149,15 +159,14 @@ def plot_training(runs: Sequence[TrainingCurves], output: Path) -> Path:
     plt = _pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     for run in runs:
-        axes[0].plot(run.steps, run.crf_loss, marker=".", label=run.name)
+        axes[0].plot(*zip(*run.per_update(run.crf_loss)), marker=".", label=run.name)
         if run.has_adversarial:
-            points = [(s, v) for s, v in zip(run.steps, run.adversarial_loss) if v is not None]
-            axes[1].plot(*zip(*points), marker=".", label=run.name)
+            axes[1].plot(*zip(*run.per_update(run.adversarial_loss)), marker=".", label=run.name)
         f1 = [(s, v) for s, v in zip(run.steps, run.dev_f1) if v is not None]
         if f1:
             axes[2].plot(*zip(*f1), marker=".", label=run.name)
-    axes[0].set_title("CRF loss (sum over each eval interval)")
-    axes[1].set_title("adversarial loss (sum over each eval interval)")
+    axes[0].set_title("CRF loss (mean per update, each eval interval)")
+    axes[1].set_title("adversarial loss (mean per update, each eval interval)")
     axes[2].set_title("dev F1 (ents_f)")
     missing = [run.name for run in runs if not run.has_adversarial]
     if missing:

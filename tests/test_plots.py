@@ -64,6 +64,10 @@ def test_read_training_log(tmp_path):
     assert curves.crf_loss[1] == pytest.approx(150.0)
     assert curves.adversarial_loss[3] == pytest.approx(1.1)
     assert curves.dev_f1 == pytest.approx([0.0, 0.2, 0.4, 0.6])  # logged in percent
+    # Losses are sums over each eval interval (1 update before step 0, then 400).
+    steps, means = zip(*curves.per_update(curves.crf_loss))
+    assert steps == (0, 400, 800, 1200)
+    assert means == pytest.approx([300.0, 150.0 / 400, 100.0 / 400, 75.0 / 400])
     old = read_training_log(tmp_path / "without.jsonl")
     assert not old.has_adversarial and old.adversarial_loss == [None] * 4
 
