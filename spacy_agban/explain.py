@@ -49,10 +49,6 @@ class Explanation:
     image: Optional[Image.Image] = None  # the image with the object boxes drawn
     image_note: Optional[str] = None  # why there is no image, if there is none
 
-    @property
-    def tokens(self) -> List[str]:
-        return [token.text for token in self.doc]
-
 
 # ----- loading ---------------------------------------------------------------------------
 def load_pipeline(model: Union[str, Path], component: str = "agban") -> Language:
@@ -112,10 +108,11 @@ def explain_docs(
     names: Optional[Sequence[str]] = None,
     image_root: Optional[Path] = None,
     batch_size: int = 32,
+    with_gold: bool = True,
 ) -> List[Explanation]:
     """Run the pipeline on fresh copies of ``docs`` (text + image + caption only).
 
-    The given docs are kept as the gold standard when they have entities.
+    With ``with_gold``, the given docs are shown as the gold standard (corpus docs).
     """
     references = list(docs)
     inputs = []
@@ -130,7 +127,7 @@ def explain_docs(
         results.append(Explanation(
             name=names[i] if names is not None else post_name(reference, i),
             doc=doc, units=units, attention=attention, gate=gate,
-            gold=reference if reference.has_annotation("ENT_IOB") else None,
+            gold=reference if with_gold and reference.has_annotation("ENT_IOB") else None,
             image=image, image_note=note,
         ))
     return results
@@ -429,7 +426,8 @@ def explain_command(
         posts, names = [post], [_UNSAFE_NAME.sub("_", name)]
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        explanations = explain_docs(nlp, posts, names=names, image_root=image_root)
+        explanations = explain_docs(nlp, posts, names=names, image_root=image_root,
+                                    with_gold=docs is not None)
     written = write_reports(explanations, output_dir, model_name=str(model))
     for html_path, png_path in written:
         typer.echo(f"{html_path}  {png_path}")
