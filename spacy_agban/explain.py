@@ -262,7 +262,7 @@ h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; border-bottom: 1
 .note { color: #666; font-style: italic; }
 .chips span { display: inline-block; padding: 2px 8px; margin: 2px; border-radius: 10px;
               background: #eef; border: 1px solid #99c; font-size: 13px; }
-img.post { max-width: 100%; border: 1px solid #ccc; }
+img.post { max-width: 100%; max-height: 480px; border: 1px solid #ccc; }
 table.heat { border-collapse: collapse; font-size: 12px; }
 table.heat th, table.heat td { border: 1px solid #e4e4e4; padding: 3px 6px; text-align: center; }
 table.heat th.token { text-align: right; font-weight: normal; white-space: nowrap; }
