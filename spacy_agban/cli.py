@@ -52,3 +52,18 @@ def vectors(
     nlp.to_disk(output_dir)
     rows, width = nlp.vocab.vectors.shape
     typer.echo(f"Saved {rows} vectors of width {width} to {output_dir}")
+
+
+def _register_tool_commands() -> None:
+    """Commands whose heavy imports (torch, torchvision, matplotlib) wait until they run."""
+    from .detection.cli import detect_command
+    from .explain import explain_command
+    from .plots import plot_modalities_command, plot_training_command
+
+    app.command("detect")(detect_command)
+    app.command("explain")(explain_command)
+    app.command("plot-training")(plot_training_command)
+    app.command("plot-modalities")(plot_modalities_command)
+
+
+_register_tool_commands()

@@ -40,7 +40,11 @@ TEXT_POSTS: List[Post] = [
 
 
 def make_nlp(
-    fusion: str = "gban", adversarial: bool = True, caption_top_k: Optional[int] = 3, **model
+    fusion: str = "gban",
+    adversarial: bool = True,
+    caption_top_k: Optional[int] = 3,
+    object_units: Optional[dict] = None,
+    **model,
 ) -> Language:
     nlp = spacy.blank("en")
     rng = numpy.random.default_rng(0)
@@ -54,6 +58,7 @@ def make_nlp(
         None if caption_top_k is None
         else {"@misc": "spacy_agban.CaptionUnits.v1", "top_k": caption_top_k}
     )
+    config["object_units"] = object_units
     nlp.add_pipe("agban", config=config)
     return nlp
 
@@ -96,3 +101,30 @@ def caption_pipeline(tmp_path_factory) -> Tuple[Language, Path]:
     path = tmp_path_factory.mktemp("caption_pipeline") / "model"
     nlp.to_disk(path)
     return nlp, path
+
+
+class FakeObjects:
+    """An object source with a distinct, fixed 1024-d feature per image name."""
+
+    def __call__(self, docs):
+        from spacy_agban.visual_units import OBJECT, OBJECT_FEATURE_DIM, VisualUnit
+
+        result = []
+        for doc in docs:
+            image = doc._.image
+            if not image:
+                result.append([])
+                continue
+            seed = sum(ord(c) for c in str(image))
+            rng = numpy.random.default_rng(seed)
+            result.append([
+                VisualUnit(OBJECT, rng.normal(size=OBJECT_FEATURE_DIM).astype("float32"),
+                           label=f"object{i}", score=0.9 - 0.1 * i, box=(0, 0, 10, 10))
+                for i in range(2)
+            ])
+        return result
+
+
+@spacy.util.registry.misc("tests.FakeObjects.v1")
+def make_fake_objects():
+    return FakeObjects()

@@ -144,3 +144,32 @@ def test_attention_is_recorded_on_request(caption_pipeline):
     assert numpy.asarray(short["attention"]).shape == (3, 1)
     assert numpy.asarray(none["attention"]).shape == (3, 0)
     assert all(0.0 <= g <= 1.0 for g in full["gate"])
+
+
+def test_overfit_with_object_units_then_reload(tmp_path):
+    """Same text, different images -> different types: the object units must be used."""
+    nlp = make_nlp(caption_top_k=None, object_units={"@misc": "tests.FakeObjects.v1"})
+    posts = [("Kolo is here", "dog.jpg", [(0, 4, "MISC")]), ("Kolo is here", "man.jpg", [(0, 4, "PER")]),
+             ("I love Paris", None, [(7, 12, "LOC")])]
+    examples = []
+    for text, image, entities in posts:
+        eg = Example.from_dict(nlp.make_doc(text), {"entities": entities})
+        eg.predicted._.image = eg.reference._.image = image
+        examples.append(eg)
+    losses = train(nlp, examples)
+    assert losses["agban_adv"] > 0
+
+    def run(pipeline):
+        docs = []
+        for text, image, _ in posts:
+            doc = pipeline.make_doc(text)
+            doc._.image = image
+            docs.append(pipeline(doc))
+        return docs
+
+    docs = run(nlp)
+    assert [ents(d) for d in docs] == [e for _, _, e in posts]
+    assert [u["source"] for u in docs[0]._.visual_units] == ["object", "object"]
+    assert docs[2]._.visual_units == []
+    nlp.to_disk(tmp_path / "model")
+    assert [ents(d) for d in run(spacy.load(tmp_path / "model"))] == [e for _, _, e in posts]
