@@ -2,13 +2,14 @@
 from typing import Dict, List, Optional, Sequence
 
 import numpy
-from spacy.attrs import LOWER
+from spacy.attrs import LOWER, ORTH
 from spacy.tokens import Doc
 
 from .visual_units import DocUnits, vector_rows
 
 N_CHARS = 1024  # 0 padding, 1..255 Latin-1, the rest hashed by code point
 _LATIN1 = 255
+_MAX_CACHE = 500_000  # per-token caches are cleared past this many forms
 
 
 def char_ids(text: str, max_chars: int) -> List[int]:
@@ -26,13 +27,18 @@ def lower_keys(doc: Doc) -> numpy.ndarray:
 
 def static_vectors(doc: Doc, width: int) -> numpy.ndarray:
     """The pretrained vector of each token by its lowercase form (zeros if none)."""
-    out = numpy.zeros((len(doc), width), dtype="float32")
     if width == 0:
-        return out
-    rows = vector_rows(doc.vocab, lower_keys(doc))
+        return numpy.zeros((len(doc), 0), dtype="float32")
+    return batch_static_vectors(doc.vocab, lower_keys(doc), width)
+
+
+def batch_static_vectors(vocab, lower: numpy.ndarray, width: int) -> numpy.ndarray:
+    """Like :func:`static_vectors` for the tokens of many docs (keys concatenated)."""
+    out = numpy.zeros((len(lower), width), dtype="float32")
+    rows = vector_rows(vocab, lower)
     found = rows >= 0
     if found.any():
-        data = doc.vocab.vectors.data
+        data = vocab.vectors.data
         if not isinstance(data, numpy.ndarray):  # cupy on GPU
             data = data.get()
         out[found] = data[rows[found]]
@@ -54,7 +60,8 @@ class Featurizer:
         self.static_width = static_width
         self.unit_dims = dict(unit_dims)
         self.max_word_chars = max_word_chars
-        self._key_cache: Dict[int, int] = {}
+        self._key_cache: Dict[int, int] = {}  # lowercase key -> word row
+        self._char_cache: Dict[int, numpy.ndarray] = {}  # exact key -> char ids + length
 
     @property
     def n_words(self) -> int:
@@ -69,28 +76,32 @@ class Featurizer:
         units: Sequence[DocUnits],
         tags: Optional[Sequence[Sequence[int]]] = None,
     ) -> Dict[str, object]:
-        """Arrays for non-empty docs only (the CRF needs at least one token)."""
+        """Arrays for non-empty docs only (the CRF needs at least one token).
+
+        Per-token work is cached by string key (the training vocabulary row of each
+        lowercase form, the char ids of each exact form), and the arrays are filled for
+        the whole batch at once through the token mask (row-major: doc by doc).
+        """
         n_docs = len(docs)
         if n_docs == 0 or any(len(doc) == 0 for doc in docs):
             raise ValueError("Featurizer needs a non-empty batch of non-empty docs")
-        max_len = max(len(doc) for doc in docs)
+        lengths = numpy.asarray([len(doc) for doc in docs])
+        max_len = int(lengths.max())
+        token_mask = numpy.arange(max_len)[None, :] < lengths[:, None]
+        keys = numpy.concatenate([doc.to_array([LOWER, ORTH]) for doc in docs]).astype("uint64")
+        lower, orth = keys[:, 0], keys[:, 1]
+        strings = docs[0].vocab.strings
         word_ids = numpy.zeros((n_docs, max_len), dtype="int64")
+        word_ids[token_mask] = self._word_rows(lower, strings)
         vectors = numpy.zeros((n_docs, max_len, self.static_width), dtype="float32")
+        if self.static_width:
+            vectors[token_mask] = batch_static_vectors(docs[0].vocab, lower, self.static_width)
         chars = numpy.zeros((n_docs, max_len, self.max_word_chars), dtype="int64")
         char_lengths = numpy.zeros((n_docs, max_len), dtype="int64")
-        token_mask = numpy.zeros((n_docs, max_len), dtype="bool")
+        chars[token_mask], char_lengths[token_mask] = self._char_rows(orth, strings)
         gold = numpy.zeros((n_docs, max_len), dtype="int64")
-        for i, doc in enumerate(docs):
-            n = len(doc)
-            token_mask[i, :n] = True
-            vectors[i, :n] = static_vectors(doc, self.static_width)
-            for j, token in enumerate(doc):
-                word_ids[i, j] = self.word_row(token.lower_)
-                ids = char_ids(token.text, self.max_word_chars)
-                chars[i, j, : len(ids)] = ids
-                char_lengths[i, j] = len(ids)
-            if tags is not None:
-                gold[i, :n] = tags[i]
+        if tags is not None:
+            gold[token_mask] = numpy.concatenate([numpy.asarray(t, dtype="int64") for t in tags])
         arrays: Dict[str, object] = {
             "word_ids": word_ids,
             "static_vectors": vectors,
@@ -101,6 +112,35 @@ class Featurizer:
         }
         arrays["units"], arrays["unit_masks"] = self.unit_arrays(units)
         return arrays
+
+    def _word_rows(self, lower: numpy.ndarray, strings) -> numpy.ndarray:
+        cache = self._key_cache
+        if len(cache) > _MAX_CACHE:
+            cache.clear()
+        rows = []
+        for key in lower.tolist():
+            row = cache.get(key)
+            if row is None:
+                row = cache[key] = self.word_row(strings[key])
+            rows.append(row)
+        return numpy.asarray(rows, dtype="int64")
+
+    def _char_rows(self, orth: numpy.ndarray, strings):
+        """(N, max_word_chars) char ids and (N,) lengths of N tokens, by exact form."""
+        cache = self._char_cache
+        if len(cache) > _MAX_CACHE:
+            cache.clear()
+        rows = []
+        for key in orth.tolist():
+            row = cache.get(key)
+            if row is None:
+                ids = char_ids(strings[key], self.max_word_chars)
+                row = cache[key] = numpy.zeros((self.max_word_chars + 1,), dtype="int64")
+                row[: len(ids)] = ids
+                row[-1] = len(ids)
+            rows.append(row)
+        stacked = numpy.stack(rows)
+        return stacked[:, :-1], stacked[:, -1]
 
     def unit_arrays(self, units: Sequence[DocUnits]):
         """Per source: (B, K, D) zero-padded vectors and a (B, K) mask (K >= 1)."""

@@ -1,0 +1,288 @@
+"""Test-split quality over seeds: Table III (rows), Table IV (per type), Table VI (k).
+
+For each (row, seed[, k]) it runs ``spacy train configs/<row>.cfg`` (model-best chosen
+on dev by spaCy), then ``spacy evaluate model-best <test>``, and writes one metrics JSON
+per run; a run whose JSON exists is skipped, a finished training is not repeated.
+Nothing is chosen on the test split: the row shown per type is the best on dev.
+
+    python -m spacy_agban.bench.quality --rows bilstm_crf,agban,spacy_ner --seeds 0,1,2
+"""
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import srsly
+import typer
+from thinc.api import Config
+
+from . import machine, machine_line
+
+ROOT = Path(__file__).resolve().parents[2]
+BASELINE_CODE = ROOT / "spacy_agban" / "baseline.py"
+FINISHED = "Saved pipeline"
+
+app = typer.Typer(add_completion=False)
+
+
+@dataclass
+class Run:
+    """One training (or an existing one) and its test evaluation."""
+
+    row: str
+    seed: int
+    k: Optional[int] = None
+    existing: Optional[Path] = None
+    overrides: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        k = f"-k{self.k}" if self.k is not None else ""
+        return f"{self.row}{k}-s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return self.row if self.k is None else f"{self.row} (k={self.k})"
+
+
+def split_list(value: str) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_existing(value: str) -> Run:
+    """``training/runs/agban-s0=agban:0`` -> an existing run of row agban, seed 0."""
+    path, _, rest = value.partition("=")
+    row, _, seed = rest.partition(":")
+    if not path or not row or not seed.isdigit():
+        raise typer.BadParameter(f"--existing wants PATH=ROW:SEED, got {value!r}")
+    return Run(row=row, seed=int(seed), existing=Path(path))
+
+
+def has_caption_units(config_path: Path) -> bool:
+    config = Config().from_disk(config_path, interpolate=False)
+    return bool(config["components"].get("agban", {}).get("caption_units"))
+
+
+def has_output_file(config_path: Path) -> bool:
+    config = Config().from_disk(config_path, interpolate=False)
+    return "output_file" in config["training"].get("logger", {})
+
+
+def training_finished(log: Path, model_best: Path) -> bool:
+    return model_best.exists() and log.exists() and FINISHED in log.read_text(errors="replace")
+
+
+def train(run: Run, config: Path, out_dir: Path, overrides: Dict[str, object]) -> float:
+    """``spacy train``; returns its wall-clock seconds (0 if it had finished before)."""
+    output, log = out_dir / run.name, out_dir / f"{run.name}.log"
+    if training_finished(log, output / "model-best"):
+        typer.echo(f"  {run.name}: training finished before, not repeated")
+        return 0.0
+    cmd = [sys.executable, "-m", "spacy", "train", str(config), "--output", str(output),
+           "--code", str(BASELINE_CODE), "--system.seed", str(run.seed)]
+    if has_output_file(config):  # runs must not share the JSONL log
+        overrides = {**overrides, "training.logger.output_file": str(out_dir / f"{run.name}.jsonl")}
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    typer.echo(f"  {run.name}: {' '.join(cmd[1:])}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        result = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"spacy train failed for {run.name} (see {log})")
+    return seconds
+
+
+def evaluate(model: Path, test: Path, output: Path) -> Dict:
+    cmd = [sys.executable, "-m", "spacy", "evaluate", str(model), str(test),
+           "--output", str(output), "--code", str(BASELINE_CODE)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"spacy evaluate failed for {model}:\n{result.stderr[-2000:]}")
+    return srsly.read_json(output)
+
+
+def run_one(run: Run, configs: Path, out_dir: Path, metrics_dir: Path, test: Path,
+            overrides: Dict[str, object]) -> Path:
+    metrics_path = metrics_dir / f"{run.name}.json"
+    if metrics_path.exists():
+        typer.echo(f"  {run.name}: {metrics_path} exists, skipped")
+        return metrics_path
+    train_seconds = None
+    if run.existing is not None:
+        model = run.existing / "model-best"
+        log = run.existing.with_name(run.existing.name + ".log")
+        if not training_finished(log, model):
+            raise typer.BadParameter(
+                f"{run.existing} is not a finished training ({log} must end with {FINISHED!r})"
+            )
+        overrides = {}
+    else:
+        config = configs / f"{run.row}.cfg"
+        if run.k is not None:
+            overrides = {**overrides, "components.agban.caption_units.top_k": run.k}
+        train_seconds = train(run, config, out_dir, overrides)
+        model = out_dir / run.name / "model-best"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    raw = evaluate(model, test, metrics_dir / f"{run.name}.spacy-evaluate.json")
+    meta = srsly.read_json(model / "meta.json")
+    record = {
+        "row": run.row, "seed": run.seed, "k": run.k, "name": run.name,
+        "model": str(model), "test": str(test), "overrides": overrides,
+        "existing": run.existing is not None, "train_seconds": train_seconds,
+        "dev": meta.get("performance", {}),
+        "test_scores": {key: raw.get(key) for key in ("ents_p", "ents_r", "ents_f")},
+        "test_per_type": raw.get("ents_per_type", {}),
+        "machine": machine(),
+    }
+    srsly.write_json(metrics_path, record)
+    typer.echo(f"  {run.name}: test F1 {100 * (raw.get('ents_f') or 0):.2f}")
+    return metrics_path
+
+
+# ----- the table --------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def group(records: List[Dict]) -> Dict[str, List[Dict]]:
+    groups: Dict[str, List[Dict]] = {}
+    for rec in sorted(records, key=lambda r: (r["row"], r["k"] if r["k"] is not None else -1, r["seed"])):
+        label = rec["row"] if rec["k"] is None else f"{rec['row']} (k={rec['k']})"
+        groups.setdefault(label, []).append(rec)
+    return groups
+
+
+def describe_training(recs: List[Dict]) -> str:
+    parts = []
+    for rec in recs:
+        over = {k: v for k, v in rec["overrides"].items() if "output_file" not in k}
+        text = ", ".join(f"{'.'.join(k.split('.')[-2:])}={v}" for k, v in over.items())
+        parts.append(f"existing {Path(rec['model']).parent}" if rec["existing"] else text or "config")
+    return "; ".join(sorted(set(parts)))
+
+
+def quality_table(records: List[Dict]) -> str:
+    lines = [
+        "| row | seeds | test P | test R | test F1 | dev F1 (model-best) | training |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, recs in group(records).items():
+        scores = [r["test_scores"] for r in recs]
+        lines.append(
+            f"| {label} | {','.join(str(r['seed']) for r in recs)} "
+            f"| {mean_std([s['ents_p'] for s in scores])} | {mean_std([s['ents_r'] for s in scores])} "
+            f"| {mean_std([s['ents_f'] for s in scores])} "
+            f"| {mean_std([r['dev'].get('ents_f', 0.0) for r in recs])} | {describe_training(recs)} |"
+        )
+    return "\n".join(lines)
+
+
+def best_on_dev(records: List[Dict]) -> Optional[str]:
+    groups = {label: recs for label, recs in group(records).items() if "(k=" not in label}
+    if not groups:
+        return None
+    return max(groups, key=lambda g: statistics.mean(r["dev"].get("ents_f", 0.0) for r in groups[g]))
+
+
+def per_type_table(recs: List[Dict]) -> str:
+    types = sorted({t for r in recs for t in r["test_per_type"]})
+    lines = ["| type | P | R | F1 |", "|---|---|---|---|"]
+    for t in types:
+        rows = [r["test_per_type"].get(t, {"p": 0.0, "r": 0.0, "f": 0.0}) for r in recs]
+        lines.append(
+            f"| {t} | {mean_std([x['p'] for x in rows])} | {mean_std([x['r'] for x in rows])} "
+            f"| {mean_std([x['f'] for x in rows])} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(metrics_dir: Path, report: Path) -> str:
+    records = [srsly.read_json(p) for p in sorted(metrics_dir.glob("*.json"))
+               if not p.name.endswith(".spacy-evaluate.json")]
+    if not records:
+        raise typer.BadParameter(f"no metrics in {metrics_dir}")
+    info = machine()
+    parts = [
+        "# Quality on the Twitter-2015 test split",
+        "",
+        f"Written on: {machine_line(info)}.",
+        "Each run: `spacy train` (model-best chosen on dev by spaCy), then `spacy evaluate "
+        "model-best corpus/test.spacy`. Scores in %, mean ± sample std over seeds (one value "
+        "when there is one seed). Runs trained with overrides (e.g. fewer steps) say so.",
+        "",
+        "## Rows (Table III)",
+        "",
+        quality_table([r for r in records if r["k"] is None] or records),
+    ]
+    best = best_on_dev(records)
+    if best is not None:
+        parts += [
+            "",
+            f"## Per type (Table IV): {best}, the best row on dev",
+            "",
+            per_type_table(group(records)[best]),
+        ]
+    k_records = [r for r in records if r["k"] is not None]
+    if k_records:
+        parts += ["", "## Caption units per post (Table VI's shape: top_k)", "",
+                  quality_table(k_records)]
+    text = "\n".join(parts) + "\n"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(text)
+    return text
+
+
+@app.command()
+def main(
+    rows: str = typer.Option("bilstm_crf,agban,spacy_ner", help="Config names (configs/<row>.cfg)"),
+    seeds: str = typer.Option("0,1,2", help="Seeds, comma-separated"),
+    k_values: str = typer.Option("", help="Caption units per post to sweep (rows with caption units), e.g. 0,1,2,4,8"),
+    existing: List[str] = typer.Option([], help="PATH=ROW:SEED: evaluate PATH/model-best as that run, without training"),
+    max_epochs: Optional[int] = typer.Option(None, help="Override [training] max_epochs"),
+    max_steps: Optional[int] = typer.Option(None, help="Override [training] max_steps (smoke tests)"),
+    eval_frequency: Optional[int] = typer.Option(None, help="Override [training] eval_frequency"),
+    train_limit: Optional[int] = typer.Option(None, help="Use only the first N training docs (smoke tests)"),
+    dev_limit: Optional[int] = typer.Option(None, help="Use only the first N dev docs (smoke tests)"),
+    test: Path = typer.Option(ROOT / "corpus" / "test.spacy", help="Test DocBin (never used for choices)"),
+    configs: Path = typer.Option(ROOT / "configs", help="Folder of <row>.cfg"),
+    output_dir: Path = typer.Option(ROOT / "training" / "bench", help="Where the trainings go"),
+    metrics_dir: Path = typer.Option(ROOT / "metrics" / "bench", help="One JSON per run"),
+    report: Path = typer.Option(ROOT / "metrics" / "quality.md", help="The Markdown tables"),
+) -> None:
+    """Train and evaluate each (row, seed), resumably, and write the quality tables."""
+    overrides: Dict[str, object] = {}
+    for key, value in (("training.max_epochs", max_epochs), ("training.max_steps", max_steps),
+                       ("training.eval_frequency", eval_frequency),
+                       ("corpora.train.limit", train_limit), ("corpora.dev.limit", dev_limit)):
+        if value is not None:
+            overrides[key] = value
+    runs = [parse_existing(value) for value in existing]
+    taken = {(r.row, r.seed) for r in runs}
+    ks = [int(k) for k in split_list(k_values)]
+    for row in split_list(rows):
+        config = configs / f"{row}.cfg"
+        if not config.exists():
+            raise typer.BadParameter(f"{config} does not exist")
+        for seed in (int(s) for s in split_list(seeds)):
+            if (row, seed) not in taken:
+                runs.append(Run(row=row, seed=seed))
+            if ks and has_caption_units(config):
+                runs += [Run(row=row, seed=seed, k=k) for k in ks]
+    typer.echo(f"{len(runs)} runs")
+    for run in runs:
+        run_one(run, configs, output_dir, metrics_dir, test, overrides)
+    typer.echo(write_report(metrics_dir, report))
+
+
+if __name__ == "__main__":
+    app()
