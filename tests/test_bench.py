@@ -1,0 +1,177 @@
+"""Benchmarks: the baseline's vector lookup survives reloading, the fast inference path
+equals the old one, and the quality/speed reports are built from what was measured."""
+import numpy
+import pytest
+import spacy
+import torch
+from spacy.tokens import Doc
+from torchcrf import CRF
+
+import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
+from spacy_agban.baseline import STATIC_VECTORS
+from spacy_agban.bench import quality, speed
+from spacy_agban.bench.inference_profile import per_token_arrays
+from spacy_agban.featurize import Featurizer
+from spacy_agban.model.crf import viterbi_decode
+from spacy_agban.visual_units import DocUnits
+
+from conftest import CAPTION_POSTS, make_examples, make_nlp
+
+BASELINE_NER = {
+    "@architectures": "spacy.TransitionBasedParser.v2",
+    "state_type": "ner", "extra_state_tokens": False, "hidden_width": 8,
+    "maxout_pieces": 2, "use_upper": True, "nO": None,
+    "tok2vec": {
+        "@architectures": "spacy.Tok2Vec.v2",
+        "embed": {
+            "@architectures": "spacy_agban.MultiHashEmbedLower.v1", "width": 8,
+            "attrs": ["NORM", "PREFIX", "SUFFIX", "SHAPE"], "rows": [50, 50, 50, 50],
+            "vectors_attr": "LOWER",
+        },
+        "encode": {
+            "@architectures": "spacy.MaxoutWindowEncoder.v2", "width": 8, "depth": 1,
+            "window_size": 1, "maxout_pieces": 2,
+        },
+    },
+}
+
+
+def baseline_nlp():
+    """A tiny spaCy ner with lowercase-only vectors, as GloVe 6B has them."""
+    nlp = spacy.blank("en")
+    nlp.vocab.reset_vectors(width=4)
+    rng = numpy.random.default_rng(0)
+    for word in ("paris", "london", "love"):
+        nlp.vocab.set_vector(word, rng.normal(size=4).astype("float32"))
+    ner = nlp.add_pipe("ner", config={"model": BASELINE_NER})
+    ner.add_label("LOC")
+    nlp.initialize()
+    return nlp
+
+
+def static_vector_rows(nlp, text: str) -> numpy.ndarray:
+    layer = next(n for n in nlp.get_pipe("ner").model.walk() if n.name == STATIC_VECTORS)
+    output, _ = layer([nlp.make_doc(text)], is_train=False)
+    return numpy.asarray(output.data)
+
+
+def test_baseline_vector_lookup_survives_reload(tmp_path):
+    nlp = baseline_nlp()
+    before = static_vector_rows(nlp, "Paris PARIS paris")
+    assert numpy.abs(before).sum(axis=1).min() > 0  # capitalized forms found by LOWER
+    assert numpy.allclose(before[0], before[2])
+    nlp.to_disk(tmp_path / "nlp")
+    reloaded = spacy.load(tmp_path / "nlp")
+    after = static_vector_rows(reloaded, "Paris PARIS paris")
+    assert numpy.allclose(before, after)
+    # the vocab's own setting is back to exact tokens after loading: the layer must not use it
+    assert reloaded.vocab.vectors.attr == spacy.attrs.ORTH
+    doc = reloaded("I love Paris")
+    assert [t.text for t in doc] == ["I", "love", "Paris"]
+
+
+def test_baseline_layer_unknown_words_are_zero():
+    nlp = baseline_nlp()
+    rows = static_vector_rows(nlp, "Kolo Paris")
+    assert numpy.abs(rows[0]).sum() == 0 and numpy.abs(rows[1]).sum() > 0
+
+
+# ----- the fast inference path equals the old one ----------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_viterbi_equals_pytorch_crf(seed):
+    torch.manual_seed(seed)
+    batch, length, n_tags = 7, 9, 5
+    crf = CRF(n_tags, batch_first=True)
+    for param in crf.parameters():
+        torch.nn.init.normal_(param)
+    emissions = torch.randn(batch, length, n_tags)
+    lengths = torch.randint(1, length + 1, (batch,))
+    lengths[0] = length
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    expected = crf.decode(emissions, mask=mask)
+    got = viterbi_decode(emissions, mask, crf.start_transitions, crf.transitions, crf.end_transitions)
+    assert got == expected
+
+
+def test_viterbi_single_token_docs():
+    crf = CRF(3, batch_first=True)
+    emissions = torch.randn(2, 1, 3)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    got = viterbi_decode(emissions, mask, crf.start_transitions, crf.transitions, crf.end_transitions)
+    assert got == crf.decode(emissions, mask=mask)
+
+
+def test_batched_featurizer_equals_per_token():
+    nlp = make_nlp()
+    texts = ["Kolo is here", "I love PARIS today!!", "Straße 東京 😀 supercalifragilisticexpialidocious", "a"]
+    docs = [nlp.make_doc(t) for t in texts]
+    featurizer = Featurizer(["kolo", "paris", "love", "i"], 8, {"caption": 8}, max_word_chars=6)
+    units = [DocUnits([]) for _ in docs]
+    tags = [[1] * len(d) for d in docs]
+    for _ in range(2):  # the second call reads the caches
+        new = featurizer(docs, units, tags)
+        old = per_token_arrays(featurizer, docs, units, tags)
+        for key in ("word_ids", "static_vectors", "char_ids", "char_lengths", "token_mask", "tags"):
+            assert numpy.array_equal(new[key], old[key]), key
+            assert new[key].dtype == old[key].dtype, key
+
+
+# ----- reports ---------------------------------------------------------------------------
+def record(row, seed, dev_f, test_f, k=None):
+    return {
+        "row": row, "seed": seed, "k": k, "name": f"{row}-s{seed}", "model": f"x/{row}/model-best",
+        "existing": False, "overrides": {}, "dev": {"ents_f": dev_f},
+        "test_scores": {"ents_p": test_f, "ents_r": test_f, "ents_f": test_f},
+        "test_per_type": {"PER": {"p": test_f, "r": test_f, "f": test_f}},
+    }
+
+
+def test_parse_existing():
+    run = quality.parse_existing("training/runs/agban-s0=agban:0")
+    assert (run.row, run.seed, str(run.existing)) == ("agban", 0, "training/runs/agban-s0")
+    with pytest.raises(Exception):
+        quality.parse_existing("training/runs/agban-s0=agban")
+
+
+def test_best_row_is_chosen_on_dev_not_test():
+    records = [record("a", 0, 0.70, 0.60), record("a", 1, 0.72, 0.62),
+               record("b", 0, 0.65, 0.90), record("a", 0, 0.99, 0.99, k=4)]
+    assert quality.best_on_dev(records) == "a"
+
+
+def test_quality_table_mean_and_std():
+    table = quality.quality_table([record("a", 0, 0.7, 0.60), record("a", 1, 0.7, 0.62)])
+    assert "61.00 ± 1.41" in table and "| a | 0,1 |" in table
+
+
+def test_finished_training_needs_the_log(tmp_path):
+    (tmp_path / "run" / "model-best").mkdir(parents=True)
+    log = tmp_path / "run.log"
+    log.write_text("E  #\n  1  400  ...\n")
+    assert not quality.training_finished(log, tmp_path / "run" / "model-best")
+    log.write_text("...\n✔ Saved pipeline to output directory\n")
+    assert quality.training_finished(log, tmp_path / "run" / "model-best")
+
+
+def test_speed_measures_fresh_pipelines_side_by_side():
+    agban, ner = make_nlp(), baseline_nlp()
+    examples = make_examples(agban, CAPTION_POSTS)
+    agban.initialize(lambda: examples)
+    docs = {"agban": [agban.make_doc("I love Paris")] * 6, "ner": [ner.make_doc("I love Paris")] * 6}
+    for doc in docs["agban"]:
+        doc._.image_caption = "the eiffel tower at night"
+    seconds = speed.interleaved({"agban": agban, "ner": ner}, docs, reps=2)
+    assert {k: len(v) for k, v in seconds.items()} == {"agban": 2, "ner": 2}
+    synthetic = speed.docs_of_length(docs["agban"], 16, 3)
+    assert [len(d) for d in synthetic] == [16, 16, 16]
+    assert synthetic[0]._.image_caption == "the eiffel tower at night"
+    raw = {
+        "torch_threads": 1,
+        "throughput": {n: {"seconds": s, "docs": 6, "words": 18, "batch_size": 64}
+                       for n, s in seconds.items()},
+        "length": {"16": {"docs": 3, "seconds": {"agban": [0.1], "ner": [0.05]}}},
+        "batch_size": {"8": {"docs": 6, "words": 18, "seconds": {"agban": [0.1], "ner": [0.05]}}},
+    }
+    summary = speed.summarize(raw, "ner")
+    assert summary["throughput"]["ner"]["ratio_to_reference"] == pytest.approx(1.0)
+    assert summary["length"]["16"]["agban"]["ms_per_doc"] == pytest.approx(100 / 3)
