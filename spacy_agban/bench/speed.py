@@ -259,14 +259,16 @@ def markdown(result: Dict) -> str:
         f"{result['reps']} interleaved repetitions; `nlp.pipe` with each pipeline's default "
         "batch size.", "",
         "## Inference throughput", "",
-        f"| pipeline | model | words/s | docs/s | ratio to {ref} | peak RSS (MB) |",
+        f"| pipeline | model | words/s | docs/s | ratio to {ref} | RSS after imports / after "
+        "load / peak (MB) |",
         "|---|---|---|---|---|---|",
     ]
     for name in names:
         t, mem = s["throughput"][name], result["inference_memory"].get(name, {})
         ratio = f"{t['ratio_to_reference']:.2f}" if t["ratio_to_reference"] else "-"
+        rss = " / ".join(f"{mem.get(k, 0):.0f}" for k in ("rss_python_mb", "rss_loaded_mb", "rss_peak_mb"))
         lines.append(f"| {name} | {result['models'][name]} | {t['words_per_s']:.0f} "
-                     f"| {t['docs_per_s']:.1f} | {ratio} | {mem.get('rss_peak_mb', 0):.0f} |")
+                     f"| {t['docs_per_s']:.1f} | {ratio} | {rss} |")
     lines += ["", "## Inference time against document length (ms per doc)", "",
               "| tokens/doc | docs | " + " | ".join(names) + " |",
               "|---|---|" + "---|" * len(names)]
@@ -339,12 +341,25 @@ def main(
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     srsly.write_json(output, result)
+    typer.echo(write_markdown(result, report))
+
+
+def write_markdown(result: Dict, report: Path) -> str:
     text = markdown(result) + f"\nWhole run: {result['wall_seconds'] / 60:.1f} min.\n"
     report.write_text(text)
-    typer.echo(text)
+    return text
 
 
-WORKERS = ("throughput", "infer-memory", "train-steps", "run")
+@app.command("report")
+def report_command(
+    output: Path = typer.Argument(ROOT / "metrics" / "speed.json"),
+    report: Path = typer.Option(ROOT / "metrics" / "speed.md"),
+) -> None:
+    """Write the Markdown report again from a ``speed.json`` (no measuring)."""
+    typer.echo(write_markdown(srsly.read_json(output), report))
+
+
+WORKERS = ("throughput", "infer-memory", "train-steps", "run", "report")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in WORKERS + ("--help",):
