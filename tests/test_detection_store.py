@@ -183,10 +183,11 @@ def test_detections_validate_shapes() -> None:
         Detections(numpy.zeros((2, 8)), ["a"], numpy.zeros(2), numpy.zeros((2, 4)))
 
 
-def test_store_pickles_without_its_connection(tmp_path: Path) -> None:
-    import pickle
+def test_store_copies_without_its_connection(tmp_path: Path) -> None:
+    """Worker processes and deep copies get a fresh SQLite connection (__getstate__)."""
+    import copy as copying
 
     store = FeatureStore(tmp_path / "f.sqlite")
     store.put("k", "s", random_detections(numpy.random.default_rng(6), 1, 8))
-    copy = pickle.loads(pickle.dumps(store))
+    copy = copying.deepcopy(store)
     assert copy.get("k", "s") is not None
