@@ -23,7 +23,6 @@ from thinc.api import Config
 from . import machine, machine_line
 
 ROOT = Path(__file__).resolve().parents[2]
-BASELINE_CODE = ROOT / "spacy_agban" / "baseline.py"
 FINISHED = "Saved pipeline"
 
 app = typer.Typer(add_completion=False)
@@ -83,7 +82,7 @@ def train(run: Run, config: Path, out_dir: Path, overrides: Dict[str, object]) -
         typer.echo(f"  {run.name}: training finished before, not repeated")
         return 0.0
     cmd = [sys.executable, "-m", "spacy", "train", str(config), "--output", str(output),
-           "--code", str(BASELINE_CODE), "--system.seed", str(run.seed)]
+           "--system.seed", str(run.seed)]
     if has_output_file(config):  # runs must not share the JSONL log
         overrides = {**overrides, "training.logger.output_file": str(out_dir / f"{run.name}.jsonl")}
     for key, value in overrides.items():
@@ -100,8 +99,7 @@ def train(run: Run, config: Path, out_dir: Path, overrides: Dict[str, object]) -
 
 
 def evaluate(model: Path, test: Path, output: Path) -> Dict:
-    cmd = [sys.executable, "-m", "spacy", "evaluate", str(model), str(test),
-           "--output", str(output), "--code", str(BASELINE_CODE)]
+    cmd = [sys.executable, "-m", "spacy", "evaluate", str(model), str(test), "--output", str(output)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"spacy evaluate failed for {model}:\n{result.stderr[-2000:]}")
