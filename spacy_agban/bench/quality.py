@@ -84,7 +84,9 @@ def train(run: Run, config: Path, out_dir: Path, overrides: Dict[str, object]) -
     cmd = [sys.executable, "-m", "spacy", "train", str(config), "--output", str(output),
            "--system.seed", str(run.seed)]
     if has_output_file(config):  # runs must not share the JSONL log
-        overrides = {**overrides, "training.logger.output_file": str(out_dir / f"{run.name}.jsonl")}
+        jsonl = out_dir / f"{run.name}.jsonl"
+        jsonl.unlink(missing_ok=True)  # spaCy's logger will not overwrite an old one
+        overrides = {**overrides, "training.logger.output_file": str(jsonl)}
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     typer.echo(f"  {run.name}: {' '.join(cmd[1:])}")
