@@ -16,22 +16,7 @@ OUT=docs/figures
 # Sample posts shown by `explain` (image ids of the shipped sample images; test split).
 SAMPLE_IDS=${SAMPLE_IDS:-"149 39 102"}
 
-# `python -m spacy_agban explain | plot-training | plot-modalities`; until those are
-# registered in cli.py, the same functions through a stand-in typer app.
-if python -m spacy_agban explain --help >/dev/null 2>&1; then
-    agban() { python -m spacy_agban "$@"; }
-else
-    agban() {
-        python -c 'import typer
-from spacy_agban.explain import explain_command
-from spacy_agban.plots import plot_modalities_command, plot_training_command
-app = typer.Typer()
-app.command("explain")(explain_command)
-app.command("plot-training")(plot_training_command)
-app.command("plot-modalities")(plot_modalities_command)
-app()' "$@"
-    }
-fi
+agban() { python -m spacy_agban "$@"; }
 
 mkdir -p "$OUT"
 
