@@ -1,5 +1,4 @@
 """The ``agban`` pipeline component: visual units + AGBAN model -> ``doc.ents``."""
-import warnings
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -16,7 +15,7 @@ from spacy.training import Example, iob_to_biluo, biluo_tags_to_spans, validate_
 from spacy.vocab import Vocab
 from thinc.api import Config, Model, Optimizer
 
-from .architectures import AGBANInput, get_module, set_sizes
+from .architectures import AGBANInput, set_sizes
 from .extensions import install_extensions
 from .visual_units import CAPTION, OBJECT, OBJECT_FEATURE_DIM, DocUnits, ObjectUnitSource
 

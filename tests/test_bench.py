@@ -4,7 +4,6 @@ import numpy
 import pytest
 import spacy
 import torch
-from spacy.tokens import Doc
 from torchcrf import CRF
 
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)

@@ -1,5 +1,4 @@
 """Conversion of the shipped Twitter-2015 files and of malformed input."""
-from pathlib import Path
 
 import pytest
 from spacy.tokens import DocBin

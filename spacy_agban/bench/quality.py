@@ -7,7 +7,6 @@ Nothing is chosen on the test split: the row shown per type is the best on dev.
 
     python -m spacy_agban.bench.quality --rows bilstm_crf,agban,spacy_ner --seeds 0,1,2
 """
-import json
 import statistics
 import subprocess
 import sys
