@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "twitter2015" / "images"
+IMAGES = Path(__file__).resolve().parents[1] / "assets" / "twitter2015" / "images"
 SIZES = {480: 800, 800: 1333}  # min_size: max_size (torchvision's ratio)
 
 

@@ -18,7 +18,7 @@ from spacy_agban.detection.detector import (
     signature_key,
 )
 
-IMAGES = Path("/work/shared/data/twitter2015/images")
+IMAGES = Path(__file__).resolve().parents[1] / "assets" / "twitter2015" / "images"
 # Small input, threshold 0 (random weights score low), 100 RPN proposals: the box
 # head on 1000 proposals costs ~25 GFLOP per image whatever the input size.
 SMALL = dict(weights=None, score_threshold=0.0, min_size=128, max_size=160, device="cpu", proposals=100)

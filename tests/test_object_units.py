@@ -21,7 +21,7 @@ from spacy_agban.detection.store import Detections, FeatureStore
 from spacy_agban.extensions import install_extensions
 from spacy_agban.visual_units import OBJECT, VisualUnit
 
-IMAGES = Path("/work/shared/data/twitter2015/images")
+IMAGES = Path(__file__).resolve().parents[1] / "assets" / "twitter2015" / "images"
 SMALL = dict(weights=None, score_threshold=0.0, min_size=128, max_size=160, device="cpu", proposals=100)
 
 
