@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 AGBAN_RUN=${AGBAN_RUN:-training/runs/agban-s0}
+# the loss curves need a log with the adversarial loss column (runs from seed 1 on)
+CURVES_RUN=${CURVES_RUN:-training/runs/agban-s1}
 GBAN_RUN=${GBAN_RUN:-training/runs/gban-s0}
 IMAGES=${IMAGES:-assets/twitter2015/images}
 OUT=docs/figures
@@ -36,7 +38,7 @@ if command -v chromium >/dev/null; then
 fi
 
 # 2. Training curves: CRF loss, adversarial loss, dev F1 (one line per run).
-runs=("$AGBAN_RUN")
+runs=("$CURVES_RUN")
 [ -d "$GBAN_RUN" ] && runs+=("$GBAN_RUN")
 agban plot-training "${runs[@]}" --output "$OUT/training.png"
 
