@@ -5,15 +5,15 @@ ref)``: the predicted doc is made from the text alone and loses ``doc._.image`` 
 ``doc._.image_caption`` (PITFALLS.md). The visual context is *input*, not
 annotation, so we copy it onto the predicted doc:
 
-- for training, the registered reader ``spacy_agban.Corpus.v1`` does it;
-- for ``spacy evaluate`` (which always uses spaCy's stock ``Corpus``),
-  :func:`patch_stock_corpus` wraps ``Corpus._make_example`` the same way. It is
-  applied when this package is imported, which spaCy does through the entry points
-  as soon as it loads a pipeline with an ``agban`` component.
+:func:`patch_stock_corpus` wraps ``Corpus._make_example``, the one place where spaCy
+builds those examples, for training and for ``spacy evaluate`` (which always uses the
+stock ``Corpus``). It is applied when this module is imported: by the registered
+reader ``spacy_agban.Corpus.v1`` that the configs name, and by spaCy's entry points
+as soon as it loads a pipeline with an ``agban`` component.
 """
 import functools
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 from spacy.language import Language
 from spacy.training import Corpus, Example
@@ -29,15 +29,6 @@ def with_visual_context(example: Example) -> Example:
     return example
 
 
-class VisualCorpus(Corpus):
-    """spaCy's ``Corpus`` whose predicted docs carry the reference's image and caption."""
-
-    def __call__(self, nlp: Language) -> Iterator[Example]:
-        install_extensions()
-        for example in super().__call__(nlp):
-            yield with_visual_context(example)
-
-
 @registry.readers("spacy_agban.Corpus.v1")
 def create_visual_corpus_reader(
     path: Optional[Union[str, Path]],
@@ -49,7 +40,9 @@ def create_visual_corpus_reader(
     """Like ``spacy.Corpus.v1``, keeping ``doc._.image`` and ``doc._.image_caption``."""
     if path is None:
         raise ValueError("spacy_agban.Corpus.v1 needs a path to a .spacy file or folder")
-    return VisualCorpus(
+    install_extensions()
+    patch_stock_corpus()
+    return Corpus(
         path, gold_preproc=gold_preproc, max_length=max_length, limit=limit, augmenter=augmenter
     )
 

@@ -63,11 +63,8 @@ class Featurizer:
         self._key_cache: Dict[int, int] = {}  # lowercase key -> word row
         self._char_cache: Dict[int, numpy.ndarray] = {}  # exact key -> char ids + length
 
-    @property
-    def n_words(self) -> int:
-        return len(self.words) + 1  # row 0: padding and words not seen in training
-
     def word_row(self, token_lower: str) -> int:
+        """Row of the trainable table; 0 for padding and words not seen in training."""
         return self._row_of.get(token_lower, 0)
 
     def __call__(
