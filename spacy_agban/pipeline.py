@@ -142,8 +142,11 @@ class AGBANRecognizer(TrainablePipe):
         dims = {}
         if self.object_units is not None:
             dims[OBJECT] = OBJECT_FEATURE_DIM
-        if self.caption_units is not None and static_width:
-            dims[CAPTION] = static_width
+        if self.caption_units is not None:
+            # word-vector captions take the vectors' width; an encoder says its own
+            width = getattr(self.caption_units, "width", None) or static_width
+            if width:
+                dims[CAPTION] = int(width)
         return dims
 
     def _build_model(self) -> None:
@@ -194,6 +197,9 @@ class AGBANRecognizer(TrainablePipe):
         objects: List[list] = [[] for _ in docs]
         if OBJECT in sources and self.object_units is not None:
             objects = self.object_units(docs)
+        prefetch = getattr(self.caption_units, "prefetch", None)
+        if CAPTION in sources and prefetch is not None:
+            prefetch(docs)  # encode the batch's captions together, not one by one
         result = []
         for doc, doc_objects in zip(docs, objects):
             units = list(doc_objects)
