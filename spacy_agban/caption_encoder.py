@@ -18,7 +18,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy
 import torch
 from spacy.tokens import Doc
 from spacy.util import registry
