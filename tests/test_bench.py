@@ -2,6 +2,7 @@
 equals the old one, and the quality/speed reports are built from what was measured."""
 import numpy
 import pytest
+import srsly
 import spacy
 import torch
 from torchcrf import CRF
@@ -141,6 +142,19 @@ def test_best_row_is_chosen_on_dev_not_test():
 def test_quality_table_mean_and_std():
     table = quality.quality_table([record("a", 0, 0.7, 0.60), record("a", 1, 0.7, 0.62)])
     assert "61.00 ± 1.41" in table and "| a | 0,1 |" in table
+
+
+def test_k_table_includes_the_rows_own_runs_at_their_config_top_k(tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for rec in (record("agban", 0, 0.7, 0.60), record("agban", 0, 0.7, 0.50, k=1),
+                record("bilstm_crf", 0, 0.7, 0.55)):
+        srsly.write_json(metrics / f"{rec['name']}-{rec['k']}.json", rec)
+    text = quality.write_report(metrics, tmp_path / "quality.md")
+    k_table = text.split("## Caption units per post")[1]
+    top_k = quality.config_top_k("agban")
+    assert top_k is not None and f"| agban (k={top_k}) | 0 |" in k_table
+    assert "| agban (k=1) | 0 |" in k_table and "bilstm_crf" not in k_table
 
 
 def test_finished_training_needs_the_log(tmp_path):

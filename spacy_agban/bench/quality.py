@@ -65,6 +65,15 @@ def has_caption_units(config_path: Path) -> bool:
     return bool(config["components"].get("agban", {}).get("caption_units"))
 
 
+def config_top_k(row: str, configs: Path = ROOT / "configs") -> Optional[int]:
+    """The caption top_k that configs/<row>.cfg trains with (None without caption units)."""
+    path = configs / f"{row}.cfg"
+    if not path.exists():
+        return None
+    units = Config().from_disk(path, interpolate=False)["components"].get("agban", {}).get("caption_units")
+    return int(units.get("top_k", 8)) if units else None
+
+
 def has_output_file(config_path: Path) -> bool:
     config = Config().from_disk(config_path, interpolate=False)
     return "output_file" in config["training"].get("logger", {})
@@ -232,7 +241,10 @@ def write_report(metrics_dir: Path, report: Path) -> str:
             per_type_table(group(records)[best]),
         ]
     k_records = [r for r in records if r["k"] is not None]
-    if k_records:
+    if k_records:  # the rows' own runs are the sweep's point at their config's top_k
+        swept = {r["row"] for r in k_records}
+        k_records += [{**r, "k": config_top_k(r["row"])} for r in records
+                      if r["k"] is None and r["row"] in swept and config_top_k(r["row"]) is not None]
         parts += ["", "## Caption units per post (Table VI's shape: top_k)", "",
                   quality_table(k_records)]
     text = "\n".join(parts) + "\n"
@@ -252,6 +264,7 @@ def main(
     eval_frequency: Optional[int] = typer.Option(None, help="Override [training] eval_frequency"),
     train_limit: Optional[int] = typer.Option(None, help="Use only the first N training docs (smoke tests)"),
     dev_limit: Optional[int] = typer.Option(None, help="Use only the first N dev docs (smoke tests)"),
+    set_: List[str] = typer.Option([], "--set", help="KEY=VALUE config override for every training, e.g. paths.transformer=DIR"),
     test: Path = typer.Option(ROOT / "corpus" / "test.spacy", help="Test DocBin (never used for choices)"),
     configs: Path = typer.Option(ROOT / "configs", help="Folder of <row>.cfg"),
     output_dir: Path = typer.Option(ROOT / "training" / "bench", help="Where the trainings go"),
@@ -265,6 +278,11 @@ def main(
                        ("corpora.train.limit", train_limit), ("corpora.dev.limit", dev_limit)):
         if value is not None:
             overrides[key] = value
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key] = value
     runs = [parse_existing(value) for value in existing]
     taken = {(r.row, r.seed) for r in runs}
     ks = [int(k) for k in split_list(k_values)]
