@@ -56,6 +56,7 @@ OUTSIDE = "O"
         "object_units": None,
         "max_words": 50000,
         "record_attention": False,
+        "learn_rate_scale": 1.0,
         "scorer": {"@scorers": "spacy.ner_scorer.v1"},
     },
     default_score_weights={"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None},
@@ -68,14 +69,38 @@ def make_agban(
     object_units: Optional[ObjectUnitSource],
     max_words: int,
     record_attention: bool,
+    learn_rate_scale: float,
     scorer: Optional[Callable],
 ) -> "AGBANRecognizer":
-    """Multimodal NER (AGBAN): reads ``doc._.image`` / ``doc._.image_caption``."""
+    """Multimodal NER (AGBAN): reads ``doc._.image`` / ``doc._.image_caption``.
+
+    learn_rate_scale: this component's learning rate relative to the optimizer's
+    (spaCy has one optimizer for the pipeline): e.g. 20 to train the AGBAN head at
+    1e-3 on top of a transformer fine-tuned at 5e-5.
+    """
     return AGBANRecognizer(
         nlp.vocab, model, name,
         caption_units=caption_units, object_units=object_units, max_words=max_words,
-        record_attention=record_attention, scorer=scorer,
+        record_attention=record_attention, learn_rate_scale=learn_rate_scale, scorer=scorer,
     )
+
+
+class ScaledOptimizer:
+    """The pipeline's optimizer with every learning rate times ``scale`` (one component's own rate).
+
+    Thinc's optimizers take ``lr_scale`` per update; schedules, Adam moments and the
+    step counts stay those of the wrapped optimizer.
+    """
+
+    def __init__(self, optimizer: Optimizer, scale: float):
+        self.optimizer = optimizer
+        self.scale = scale
+
+    def __call__(self, key, weights, gradient, *, lr_scale: float = 1.0):
+        return self.optimizer(key, weights, gradient, lr_scale=lr_scale * self.scale)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
 
 
 def bio_tags(labels: Sequence[str]) -> List[str]:
@@ -99,14 +124,18 @@ class AGBANRecognizer(TrainablePipe):
         object_units: Optional[ObjectUnitSource] = None,
         max_words: int = 50000,
         record_attention: bool = False,
+        learn_rate_scale: float = 1.0,
         scorer: Optional[Callable] = get_ner_prf,
     ):
+        if not learn_rate_scale > 0:
+            raise ValueError(f"learn_rate_scale must be > 0, got {learn_rate_scale}")
         self.vocab = vocab
         self.model = model
         self.name = name
         self.caption_units = caption_units
         self.object_units = object_units
         self.record_attention = record_attention
+        self.learn_rate_scale = learn_rate_scale
         self.scorer = scorer
         self.cfg: Dict[str, Any] = {
             "labels": [], "words": [], "static_width": 0, "unit_dims": {}, "max_words": max_words,
@@ -305,6 +334,11 @@ class AGBANRecognizer(TrainablePipe):
         losses[self.name] += crf_loss
         losses[f"{self.name}_adv"] += adv_loss
         return losses
+
+    def finish_update(self, sgd: Optimizer) -> None:
+        if self.learn_rate_scale != 1.0:
+            sgd = ScaledOptimizer(sgd, self.learn_rate_scale)  # type: ignore[assignment]
+        self.model.finish_update(sgd)
 
     def get_loss(self, examples: Iterable[Example], scores: Any) -> Any:
         raise NotImplementedError(

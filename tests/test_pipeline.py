@@ -173,3 +173,28 @@ def test_overfit_with_object_units_then_reload(tmp_path):
     assert docs[2]._.visual_units == []
     nlp.to_disk(tmp_path / "model")
     assert [ents(d) for d in run(spacy.load(tmp_path / "model"))] == [e for _, _, e in posts]
+
+
+def test_learn_rate_scale_scales_this_components_updates():
+    """A component's own learning rate: the same SGD step, `learn_rate_scale` times as long."""
+    from thinc.api import SGD, fix_random_seed
+
+    from spacy_agban.architectures import get_module
+
+    deltas = []
+    for scale in (1.0, 3.0):
+        fix_random_seed(0)
+        nlp = make_nlp()
+        nlp.get_pipe("agban").learn_rate_scale = scale
+        examples = make_examples(nlp, CAPTION_POSTS)
+        nlp.initialize(lambda: examples)
+        module = get_module(nlp.get_pipe("agban").model)
+        before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        nlp.update(examples, sgd=SGD(0.01))
+        deltas.append({k: v.detach() - before[k] for k, v in module.state_dict().items()})
+    moved = [k for k in deltas[0] if deltas[0][k].abs().max() > 1e-6]
+    assert moved
+    for key in moved:
+        numpy.testing.assert_allclose(deltas[1][key].numpy(), 3.0 * deltas[0][key].numpy(), rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="learn_rate_scale"):
+        make_nlp().get_pipe("agban").__class__(spacy.blank("en").vocab, None, learn_rate_scale=0)
