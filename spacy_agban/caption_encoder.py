@@ -11,6 +11,7 @@ caption through a frozen Hugging Face encoder instead and gives
 
 ``top_k`` units in all. The encoder is loaded from a local folder only
 (``local_files_only``: nothing is fetched), lazily, on the GPU when thinc uses one.
+Weights load from ``model.safetensors`` only (never a pickled ``.bin``).
 It is not trained and not saved with the pipeline: the pipeline's config names the
 folder, and loading the pipeline needs it there.
 """
@@ -75,7 +76,10 @@ class CaptionEncoderUnits:
             tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
             if not tokenizer.is_fast:
                 raise ValueError(f"{self.model_path} has no fast tokenizer (needed for word_ids)")
-            model = AutoModel.from_pretrained(self.model_path, local_files_only=True)
+            # safetensors only: loading the encoder never unpickles a file
+            model = AutoModel.from_pretrained(
+                self.model_path, local_files_only=True, use_safetensors=True
+            )
             model.eval().requires_grad_(False).to(device)
             self._encoder = (tokenizer, model, device)
         return self._encoder
