@@ -174,3 +174,21 @@ def test_text_only_twin_config_trains_with_an_empty_doc():
     losses: Dict[str, float] = {}
     nlp.update(egs, sgd=Adam(1e-3), losses=losses)
     assert losses["agban"] > 0 and losses["agban_adv"] == 0.0
+
+
+class _NotATensor:
+    pass
+
+
+def test_transformer_weights_load_refuses_pickled_objects():
+    """spacy-transformers reads weights with a bare ``torch.load``: it must be weights-only."""
+    import io
+    import pickle
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.zeros(2), "payload": _NotATensor()}, buffer)
+    buffer.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(buffer, map_location="cpu")
