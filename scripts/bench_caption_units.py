@@ -1,0 +1,79 @@
+"""Inference cost of contextual caption units against word-vector caption units, side by side.
+
+    python scripts/bench_caption_units.py \
+        --model words=training/runs/agban-s0/model-best \
+        --model encoder=training/bench/agban_caption_encoder-s0/model-best
+
+Each repetition times ``nlp.pipe`` over the same test docs for every pipeline in turn
+(A B A B ...). The caption encoder caches units per caption, so every repetition
+starts with an empty cache: the numbers are for captions never seen before.
+Writes JSON and prints a Markdown table.
+"""
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import List
+
+import spacy
+import srsly
+import torch
+import typer
+from spacy.tokens import DocBin
+
+import spacy_agban  # noqa: F401  (registrations)
+from spacy_agban.bench import machine, machine_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def contextualized(nlp, gold: list) -> list:
+    docs = []
+    for g in gold:
+        doc = nlp.make_doc(g.text)
+        doc._.image_caption = g._.image_caption
+        docs.append(doc)
+    return docs
+
+
+def main(
+    model: List[str] = typer.Option(..., help="NAME=PATH of a trained agban pipeline (repeat)"),
+    test: Path = typer.Option(ROOT / "corpus" / "test.spacy"),
+    limit: int = typer.Option(1000, help="First N test docs (0: all)"),
+    reps: int = typer.Option(3),
+    output: Path = typer.Option(ROOT / "metrics" / "caption_units_speed.json"),
+) -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    nlps = {}
+    for item in model:
+        name, _, path = item.partition("=")
+        nlps[name] = spacy.load(path)
+    first = next(iter(nlps.values()))
+    gold = list(DocBin().from_disk(test).get_docs(first.vocab))
+    gold = gold[:limit] if limit else gold
+    words = sum(len(d) for d in gold)
+    for nlp in nlps.values():  # warm-up: loads the caption encoder (lazy) outside the timing
+        list(nlp.pipe(contextualized(nlp, gold[:10])))
+    seconds = {name: [] for name in nlps}
+    for _ in range(reps):
+        for name, nlp in nlps.items():
+            cache = getattr(nlp.get_pipe("agban").caption_units, "_cache", None)
+            if cache is not None:
+                cache.clear()
+            docs = contextualized(nlp, gold)
+            start = time.perf_counter()
+            for _ in nlp.pipe(docs):
+                pass
+            seconds[name].append(time.perf_counter() - start)
+    result = {"machine": machine(), "docs": len(gold), "words": words, "reps": reps,
+              "models": dict(item.partition("=")[::2] for item in model), "seconds": seconds}
+    srsly.write_json(output, result)
+    typer.echo(f"{machine_line(result['machine'])}; {len(gold)} test docs, {reps} interleaved reps, cold caption cache\n")
+    typer.echo("| pipeline | words/s | docs/s |\n|---|---|---|")
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        typer.echo(f"| {name} | {words / median:,.0f} | {len(gold) / median:,.1f} |")
+
+
+if __name__ == "__main__":
+    typer.run(main)
