@@ -17,6 +17,7 @@ from thinc.api import Config, Model, Optimizer
 
 from .architectures import AGBANInput, set_sizes
 from .extensions import install_extensions
+from .learning_rate import ScaledOptimizer
 from .visual_units import CAPTION, OBJECT, OBJECT_FEATURE_DIM, DocUnits, ObjectUnitSource
 
 install_extensions()
@@ -83,24 +84,6 @@ def make_agban(
         caption_units=caption_units, object_units=object_units, max_words=max_words,
         record_attention=record_attention, learn_rate_scale=learn_rate_scale, scorer=scorer,
     )
-
-
-class ScaledOptimizer:
-    """The pipeline's optimizer with every learning rate times ``scale`` (one component's own rate).
-
-    Thinc's optimizers take ``lr_scale`` per update; schedules, Adam moments and the
-    step counts stay those of the wrapped optimizer.
-    """
-
-    def __init__(self, optimizer: Optimizer, scale: float):
-        self.optimizer = optimizer
-        self.scale = scale
-
-    def __call__(self, key, weights, gradient, *, lr_scale: float = 1.0):
-        return self.optimizer(key, weights, gradient, lr_scale=lr_scale * self.scale)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.optimizer, name)
 
 
 def bio_tags(labels: Sequence[str]) -> List[str]:
