@@ -170,11 +170,18 @@ def group(records: List[Dict]) -> Dict[str, List[Dict]]:
     return groups
 
 
+def short(value: object) -> str:
+    """A long path as its last two parts (the table is for reading; the JSON keeps it whole)."""
+    text = str(value)
+    parts = Path(text).parts
+    return f"…/{'/'.join(parts[-2:])}" if "/" in text and len(text) > 40 and len(parts) > 2 else text
+
+
 def describe_training(recs: List[Dict]) -> str:
     parts = []
     for rec in recs:
         over = {k: v for k, v in rec["overrides"].items() if "output_file" not in k}
-        text = ", ".join(f"{'.'.join(k.split('.')[-2:])}={v}" for k, v in over.items())
+        text = ", ".join(f"{'.'.join(k.split('.')[-2:])}={short(v)}" for k, v in over.items())
         parts.append(f"existing {Path(rec['model']).parent}" if rec["existing"] else text or "config")
     return "; ".join(sorted(set(parts)))
 
