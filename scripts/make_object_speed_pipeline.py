@@ -1,0 +1,83 @@
+"""Build a pipeline with *stored* object units for the speed benchmark (speed only, not quality).
+
+    python scripts/make_object_speed_pipeline.py /tmp/objects_bench
+    python -m spacy_agban.bench.speed run --model objects=/tmp/objects_bench/model ...
+
+What is real: the code path of a user with a filled feature store. Every test post gets an
+image file (a synthetic JPEG, 400x300, under OUT/images, named as in ``doc._.image``), the
+store holds 3 objects (1024-d) for each image's content hash, and the pipeline is
+``configs/agban_objects.cfg`` (caption and object units), initialized on 200 training posts.
+What is not: the features are random and the weights untrained (no detector weights or
+Twitter-2015 images here), so its *predictions* mean nothing; the work per post (read and
+hash the image file, look up the store, run fusion over 3 + up to 8 units) is the real one.
+"""
+from pathlib import Path
+
+import numpy
+import spacy
+import typer
+from PIL import Image
+from spacy.tokens import DocBin
+from spacy.training import Example
+from spacy.training.initialize import load_vectors_into_model
+from spacy.util import load_config
+
+import spacy_agban  # noqa: F401  (registrations)
+from spacy_agban.detection.object_units import ObjectUnits
+from spacy_agban.detection.store import Detections, FeatureStore
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGNATURE = "speed-bench-random-features"
+
+
+def main(
+    out: Path = typer.Argument(..., help="Folder for images/, objects.sqlite and model/"),
+    test: Path = typer.Option(ROOT / "corpus" / "test.spacy"),
+    train: Path = typer.Option(ROOT / "corpus" / "train.spacy"),
+    config: Path = typer.Option(ROOT / "configs" / "agban_objects.cfg"),
+    seed: int = typer.Option(0),
+) -> None:
+    rng = numpy.random.default_rng(seed)
+    images, store_path = out / "images", out / "objects.sqlite"
+    images.mkdir(parents=True, exist_ok=True)
+    store_path.unlink(missing_ok=True)
+    vocab = spacy.blank("en").vocab
+    names = sorted({str(d._.image) for path in (test, train)
+                    for d in DocBin().from_disk(path).get_docs(vocab) if d._.image})
+    for i, name in enumerate(names):  # a distinct picture per name: distinct content hashes
+        pixels = numpy.full((300, 400, 3), rng.integers(0, 255, 3), dtype="uint8")
+        pixels[i % 300, :, :] = 255 - pixels[i % 300, :, :]
+        target = images / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(target, format="JPEG", quality=90)
+    store = FeatureStore(store_path)
+    store.register_signature(SIGNATURE, {"what": "random features for the speed benchmark"})
+    keyer = ObjectUnits(store=store, image_root=images, signature=SIGNATURE)
+    entries = []
+    for name in names:
+        key, _ = keyer._content_key(name)
+        entries.append((key, Detections(
+            rng.normal(size=(3, 1024)).astype("float32"), ["person", "dog", "car"],
+            numpy.asarray([0.9, 0.8, 0.7], "float32"),
+            numpy.asarray([[0, 0, 100, 100]] * 3, "float32"),
+        )))
+    store.put_many(entries, SIGNATURE)
+    store.close()
+    cfg = load_config(config, overrides={
+        "paths.object_store": str(store_path), "paths.images": str(images),
+        "paths.vectors": str(ROOT / "vectors" / "glove-6b-50d"),
+    })
+    nlp = spacy.util.load_model_from_config(cfg, auto_fill=True, validate=True)
+    load_vectors_into_model(nlp, str(ROOT / "vectors" / "glove-6b-50d"))
+    examples = []
+    for gold in list(DocBin().from_disk(train).get_docs(nlp.vocab))[:200]:
+        pred = nlp.make_doc(gold.text)
+        pred._.image, pred._.image_caption = gold._.image, gold._.image_caption
+        examples.append(Example(pred, gold))
+    nlp.initialize(lambda: examples)
+    nlp.to_disk(out / "model")
+    typer.echo(f"{len(names)} images and stored objects under {out}; pipeline in {out / 'model'}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
