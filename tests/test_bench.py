@@ -188,3 +188,14 @@ def test_speed_measures_fresh_pipelines_side_by_side():
     summary = speed.summarize(raw, "ner")
     assert summary["throughput"]["ner"]["ratio_to_reference"] == pytest.approx(1.0)
     assert summary["length"]["16"]["agban"]["ms_per_doc"] == pytest.approx(100 / 3)
+
+
+def test_set_override_needs_key_and_value(tmp_path):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(quality.app, [
+        "--rows", "agban", "--seeds", "0", "--set", "paths.transformer",
+        "--output-dir", str(tmp_path), "--metrics-dir", str(tmp_path / "m"), "--report", str(tmp_path / "q.md"),
+    ])
+    assert result.exit_code != 0 and "KEY=VALUE" in result.output
+    assert not (tmp_path / "m").exists()  # refused before any training
