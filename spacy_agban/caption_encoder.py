@@ -94,11 +94,8 @@ class CaptionEncoderUnits:
 
     def prefetch(self, docs: Sequence[Doc]) -> None:
         """Encode the captions of ``docs`` not in the cache, ``batch_size`` at a time."""
-        todo = []
-        for doc in docs:
-            caption = self.caption_of(doc)
-            if caption is not None and caption not in self._cache and caption not in todo:
-                todo.append(caption)
+        captions = (self.caption_of(doc) for doc in docs)
+        todo = list(dict.fromkeys(c for c in captions if c is not None and c not in self._cache))
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             for caption, units in zip(chunk, self._encode(chunk)):
