@@ -180,15 +180,21 @@ class _NotATensor:
     pass
 
 
-def test_transformer_weights_load_refuses_pickled_objects():
-    """spacy-transformers reads weights with a bare ``torch.load``: it must be weights-only."""
+def test_saved_transformer_weights_with_a_pickled_object_are_refused(trained, tmp_path):
+    """spacy-transformers' own loader (HFShim.from_bytes) must not unpickle arbitrary objects."""
     import io
     import pickle
 
-    import torch
+    import srsly
+    from spacy_transformers.layers.hf_shim import HFShim
 
+    trained[0].to_disk(tmp_path / "model")
+    nlp = spacy.load(tmp_path / "model")  # a copy: a failed from_bytes leaves its shim half-loaded
+    shim = next(s for node in nlp.get_pipe("transformer").model.walk()
+                for s in node.shims if isinstance(s, HFShim))
+    msg = srsly.msgpack_loads(shim.to_bytes())
     buffer = io.BytesIO()
-    torch.save({"weight": torch.zeros(2), "payload": _NotATensor()}, buffer)
-    buffer.seek(0)
+    torch.save({"payload": _NotATensor()}, buffer)
+    msg["state"] = buffer.getvalue()
     with pytest.raises(pickle.UnpicklingError):
-        torch.load(buffer, map_location="cpu")
+        shim.from_bytes(srsly.msgpack_dumps(msg))
