@@ -20,6 +20,11 @@ HYPERPARAMS = (
     "fusion", "adversarial", "grl_lambda", "word_dim", "char_dim", "char_hidden", "hidden",
     "gban_dim", "gate_dim", "discriminator_hidden", "dropout", "max_word_chars",
 )
+# AGBAN.v3's training settings for posts without visual context; v1/v2 keep the
+# module's defaults (all off), so their behaviour does not change.
+ROBUSTNESS = (
+    "visual_dropout", "source_dropout", "cross_view", "adversarial_reduction", "grl_warmup_steps",
+)
 
 
 @registry.architectures("spacy_agban.AGBAN.v1")
@@ -96,6 +101,57 @@ def build_agban_model_v2(
     return model
 
 
+@registry.architectures("spacy_agban.AGBAN.v3")
+def build_agban_model_v3(
+    fusion: str = "gban",
+    adversarial: bool = True,
+    grl_lambda: float = 1.0,
+    use_word_features: bool = True,
+    word_dim: int = 50,
+    char_dim: int = 30,
+    char_hidden: int = 50,
+    hidden: int = 200,
+    gban_dim: int = 200,
+    gate_dim: int = 200,
+    discriminator_hidden: int = 200,
+    dropout: float = 0.5,
+    max_word_chars: int = 20,
+    visual_dropout: float = 0.0,
+    source_dropout: float = 0.0,
+    cross_view: float = 0.0,
+    adversarial_reduction: str = "mean",
+    grl_warmup_steps: int = 0,
+    token_encoder: Optional[Model[List[Doc], List[Floats2d]]] = None,
+    mixed_precision: bool = False,
+) -> Model[AGBANInput, Output]:
+    """AGBAN.v2 trained to tag posts with *and without* visual context.
+
+    visual_dropout: probability that a training doc's units are all masked (the
+        text path alone must tag it); never applied at prediction time.
+    source_dropout: probability that one source (objects, caption) of a training doc
+        with several is masked.
+    cross_view: weight of KL(multimodal || text-only) between the two views' CRF tag
+        marginals (ITA's cross-view alignment); 0 turns it off.
+    adversarial_reduction: "mean" (v1/v2) or "sum" (on the CRF loss's scale).
+    grl_warmup_steps: DANN's schedule for the GRL weight, rising from 0 to
+        grl_lambda over that many training steps; 0 = grl_lambda throughout.
+    With all five at their defaults this is AGBAN.v2 exactly.
+    """
+    model = build_agban_model_v2(
+        fusion=fusion, adversarial=adversarial, grl_lambda=grl_lambda,
+        use_word_features=use_word_features, word_dim=word_dim, char_dim=char_dim,
+        char_hidden=char_hidden, hidden=hidden, gban_dim=gban_dim, gate_dim=gate_dim,
+        discriminator_hidden=discriminator_hidden, dropout=dropout,
+        max_word_chars=max_word_chars, token_encoder=token_encoder,
+        mixed_precision=mixed_precision,
+    )
+    model.attrs.update(
+        visual_dropout=visual_dropout, source_dropout=source_dropout, cross_view=cross_view,
+        adversarial_reduction=adversarial_reduction, grl_warmup_steps=grl_warmup_steps,
+    )
+    return model
+
+
 def set_sizes(model: Model, sizes: Dict[str, Any]) -> None:
     """Sizes known from data: n_tags, words, static_width, unit_dims (the pipe's cfg)."""
     model.attrs["sizes"] = sizes
@@ -133,6 +189,7 @@ def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> M
         discriminator_hidden=a["discriminator_hidden"],
         dropout=a["dropout"],
         external_width=external_width,
+        **{name: a[name] for name in ROBUSTNESS if name in a},
     )
     model.attrs["featurizer"] = Featurizer(
         sizes["words"] if words_on else [], sizes["static_width"] if words_on else 0,
@@ -200,6 +257,7 @@ def _convert_inputs(model: Model, arrays: Dict[str, Any], is_train: bool):
         units={s: tensor(v) for s, v in arrays["units"].items()},
         unit_masks={s: tensor(v) for s, v in arrays["unit_masks"].items()},
         tags=tensor(arrays["tags"]) if is_train else None,
+        outside_only=tensor(arrays["outside_only"]),
     )
     external = tensor(arrays["external"])
     if external is not None and is_train:
@@ -214,8 +272,9 @@ def _convert_outputs(model: Model, inputs_outputs: Tuple[Any, Output], is_train:
 
     def get_d_torch(_: Any) -> ArgsKwargs:
         # CRF loss - adversarial loss: the discriminator minimizes its loss, the GRL
-        # inside the module makes the projectors maximize it (eq. 25).
-        total = out.crf_loss + out.adversarial_loss
+        # inside the module makes the projectors maximize it (eq. 25); plus the
+        # weighted cross-view KL (zero when cross_view = 0).
+        total = out.crf_loss + out.adversarial_loss + out.cross_view_loss
         return ArgsKwargs(args=(total,), kwargs={"grad_tensors": (torch.ones_like(total),)})
 
     return out, get_d_torch

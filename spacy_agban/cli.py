@@ -54,6 +54,36 @@ def vectors(
     typer.echo(f"Saved {rows} vectors of width {width} to {output_dir}")
 
 
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="A trained pipeline (folder or package name)"),
+    data: Path = typer.Argument(..., help="A .spacy DocBin with doc._.image / doc._.image_caption"),
+    output: Optional[Path] = typer.Option(None, help="Write both score sets to this JSON file"),
+    batch_size: int = typer.Option(64, help="nlp.pipe batch size"),
+) -> None:
+    """Score a pipeline with and without the posts' visual context (two columns).
+
+    `spacy evaluate` gives the first column; the second runs the same posts with the
+    image and caption removed, as most real posts come.
+    """
+    import spacy
+    import srsly
+
+    from .evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
+
+    if not data.exists():
+        typer.echo(f"error: {data} does not exist", err=True)
+        raise typer.Exit(1)
+    scores = evaluate_both(spacy.load(model), data, batch_size)
+    typer.echo("| visual context | P | R | F1 |\n|---|---|---|---|")
+    for key, name in ((WITH_CONTEXT, "as stored"), (WITHOUT_CONTEXT, "removed")):
+        s = scores[key]
+        typer.echo(f"| {name} | {100 * (s['ents_p'] or 0):.2f} | {100 * (s['ents_r'] or 0):.2f} "
+                   f"| {100 * (s['ents_f'] or 0):.2f} |")
+    if output is not None:
+        srsly.write_json(output, scores)
+
+
 def _register_tool_commands() -> None:
     """Commands whose heavy imports (torch, torchvision, matplotlib) wait until they run."""
     from .detection.cli import detect_command

@@ -2,7 +2,7 @@
 from typing import Dict, List, Optional, Sequence
 
 import numpy
-from spacy.attrs import LOWER, ORTH
+from spacy.attrs import IS_SPACE, LOWER, ORTH
 from spacy.tokens import Doc
 
 from .visual_units import DocUnits, vector_rows
@@ -85,8 +85,10 @@ class Featurizer:
         lengths = numpy.asarray([len(doc) for doc in docs])
         max_len = int(lengths.max())
         token_mask = numpy.arange(max_len)[None, :] < lengths[:, None]
-        keys = numpy.concatenate([doc.to_array([LOWER, ORTH]) for doc in docs]).astype("uint64")
+        keys = numpy.concatenate([doc.to_array([LOWER, ORTH, IS_SPACE]) for doc in docs]).astype("uint64")
         lower, orth = keys[:, 0], keys[:, 1]
+        outside_only = numpy.zeros((n_docs, max_len), dtype="bool")  # whitespace tokens
+        outside_only[token_mask] = keys[:, 2].astype("bool")
         strings = docs[0].vocab.strings
         word_ids = numpy.zeros((n_docs, max_len), dtype="int64")
         word_ids[token_mask] = self._word_rows(lower, strings)
@@ -105,6 +107,7 @@ class Featurizer:
             "char_ids": chars,
             "char_lengths": char_lengths,
             "token_mask": token_mask,
+            "outside_only": outside_only,
             "tags": gold if tags is not None else None,
         }
         arrays["units"], arrays["unit_masks"] = self.unit_arrays(units)

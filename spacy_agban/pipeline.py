@@ -300,6 +300,7 @@ class AGBANRecognizer(TrainablePipe):
             losses = {}
         losses.setdefault(self.name, 0.0)
         losses.setdefault(f"{self.name}_adv", 0.0)
+        losses.setdefault(f"{self.name}_cv", 0.0)
         self._check_initialized()
         examples = [eg for eg in examples if len(eg.predicted)]
         if not examples:
@@ -309,13 +310,18 @@ class AGBANRecognizer(TrainablePipe):
         out, backprop = self.model.begin_update(inputs)
         crf_loss = float(out.crf_loss.detach())
         adv_loss = float(out.adversarial_loss.detach())
-        if numpy.isnan(crf_loss) or numpy.isnan(adv_loss):
-            raise ValueError(f"NaN loss in '{self.name}' (crf={crf_loss}, adversarial={adv_loss})")
+        cv_loss = float(out.cross_view_loss.detach())
+        if numpy.isnan(crf_loss) or numpy.isnan(adv_loss) or numpy.isnan(cv_loss):
+            raise ValueError(
+                f"NaN loss in '{self.name}' (crf={crf_loss}, adversarial={adv_loss}, "
+                f"cross-view={cv_loss})"
+            )
         backprop(None)
         if sgd is not None:
             self.finish_update(sgd)
         losses[self.name] += crf_loss
         losses[f"{self.name}_adv"] += adv_loss
+        losses[f"{self.name}_cv"] += cv_loss
         return losses
 
     def finish_update(self, sgd: Optimizer) -> None:

@@ -199,3 +199,12 @@ def test_set_override_needs_key_and_value(tmp_path):
     ])
     assert result.exit_code != 0 and "KEY=VALUE" in result.output
     assert not (tmp_path / "m").exists()  # refused before any training
+
+
+def test_quality_table_shows_the_score_without_visual_context():
+    with_column = record("a", 0, 0.7, 0.60)
+    with_column["test_no_context"] = {"ents_p": 0.5, "ents_r": 0.5, "ents_f": 0.55}
+    with_column["dev_two_ways"] = {"without_context": {"ents_f": 0.52}}
+    table = quality.quality_table([with_column, record("b", 0, 0.7, 0.60)])
+    assert "| a | 0 | 60.00 | 60.00 | 60.00 | 55.00 | 70.00 | 52.00 |" in table
+    assert "| b | 0 | 60.00 | 60.00 | 60.00 | — | 70.00 | — |" in table

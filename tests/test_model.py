@@ -126,3 +126,33 @@ def test_adversarial_needs_units_and_fusion():
         _module(fusion="bilinear")
     with pytest.raises(ValueError, match="visual unit"):
         _module(unit_dims={}, adversarial=False)
+
+
+def test_whitespace_tokens_are_decoded_as_outside_only():
+    """spaCy never puts an entity on a whitespace token; the Viterbi search obeys that."""
+    from spacy_agban.model.crf import CRFOutput
+
+    torch.manual_seed(0)
+    crf = CRFOutput(4, 3, dropout=0.0).eval()
+    with torch.no_grad():
+        crf.emissions.weight.zero_()
+        crf.emissions.bias.copy_(torch.tensor([0.0, 5.0, 6.0]))  # entity tags win everywhere
+        for p in (crf.crf.start_transitions, crf.crf.transitions, crf.crf.end_transitions):
+            p.zero_()
+    features = torch.zeros(1, 4, 4)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    assert 0 not in crf.decode(features, mask)[0]
+    space = torch.tensor([[False, True, False, True]])
+    tags = crf.decode(features, mask, space)[0]
+    assert tags[1] == 0 and tags[3] == 0 and tags[0] != 0 and tags[2] != 0
+
+
+def test_pipe_never_ends_an_entity_on_whitespace():
+    from conftest import TEXT_POSTS, make_examples, make_nlp, train
+
+    nlp = make_nlp(fusion="none", adversarial=False, caption_top_k=None)
+    train(nlp, make_examples(nlp, TEXT_POSTS), steps=80)
+    for text in ("Kolo  is here", "I love Paris \n", "Kolo\n\nis here", "   "):
+        doc = nlp(text)
+        assert all(not token.is_space for ent in doc.ents for token in ent), (text, doc.ents)
+    assert [e.text for e in nlp("Kolo  is here").ents] == ["Kolo"]

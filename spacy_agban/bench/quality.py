@@ -116,8 +116,21 @@ def evaluate(model: Path, test: Path, output: Path) -> Dict:
     return srsly.read_json(output)
 
 
+def evaluate_two_ways(model: Path, data: Path, output: Path) -> Dict:
+    """Scores with the stored visual context and with it removed (spacy_agban evaluate)."""
+    cmd = [sys.executable, "-m", "spacy_agban", "evaluate", str(model), str(data), "--output", str(output)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"spacy_agban evaluate failed for {model}:\n{result.stderr[-2000:]}")
+    return srsly.read_json(output)
+
+
+def prf(scores: Dict) -> Dict:
+    return {key: scores.get(key) for key in ("ents_p", "ents_r", "ents_f")}
+
+
 def run_one(run: Run, configs: Path, out_dir: Path, metrics_dir: Path, test: Path,
-            overrides: Dict[str, object]) -> Path:
+            overrides: Dict[str, object], dev: Path = ROOT / "corpus" / "dev.spacy") -> Path:
     metrics_path = metrics_dir / f"{run.name}.json"
     if metrics_path.exists():
         typer.echo(f"  {run.name}: {metrics_path} exists, skipped")
@@ -140,6 +153,9 @@ def run_one(run: Run, configs: Path, out_dir: Path, metrics_dir: Path, test: Pat
     metrics_dir.mkdir(parents=True, exist_ok=True)
     raw = evaluate(model, test, metrics_dir / f"{run.name}.spacy-evaluate.json")
     meta = srsly.read_json(model / "meta.json")
+    # most posts come without image or caption: every model is scored both ways
+    test_two = evaluate_two_ways(model, test, metrics_dir / f"{run.name}.test-two-ways.json")
+    dev_two = evaluate_two_ways(model, dev, metrics_dir / f"{run.name}.dev-two-ways.json")
     record = {
         "row": run.row, "seed": run.seed, "k": run.k, "name": run.name,
         "model": str(model), "test": str(test), "overrides": overrides,
@@ -147,10 +163,13 @@ def run_one(run: Run, configs: Path, out_dir: Path, metrics_dir: Path, test: Pat
         "dev": meta.get("performance", {}),
         "test_scores": {key: raw.get(key) for key in ("ents_p", "ents_r", "ents_f")},
         "test_per_type": raw.get("ents_per_type", {}),
+        "test_no_context": prf(test_two["without_context"]),
+        "dev_two_ways": {key: prf(value) for key, value in dev_two.items()},
         "machine": machine(),
     }
     srsly.write_json(metrics_path, record)
-    typer.echo(f"  {run.name}: test F1 {100 * (raw.get('ents_f') or 0):.2f}")
+    typer.echo(f"  {run.name}: test F1 {100 * (raw.get('ents_f') or 0):.2f}, "
+               f"without visual context {100 * (test_two['without_context']['ents_f'] or 0):.2f}")
     return metrics_path
 
 
@@ -186,18 +205,31 @@ def describe_training(recs: List[Dict]) -> str:
     return "; ".join(sorted(set(parts)))
 
 
+def no_context_f(recs: List[Dict], split: str = "test") -> str:
+    """F1 with the visual context removed; "—" when a run predates that measurement."""
+    if split == "test":
+        values = [r.get("test_no_context", {}).get("ents_f") for r in recs]
+    else:
+        values = [r.get("dev_two_ways", {}).get("without_context", {}).get("ents_f") for r in recs]
+    if any(v is None for v in values):
+        return "—"
+    return mean_std(values)
+
+
 def quality_table(records: List[Dict]) -> str:
     lines = [
-        "| row | seeds | test P | test R | test F1 | dev F1 (model-best) | training |",
-        "|---|---|---|---|---|---|---|",
+        "| row | seeds | test P | test R | test F1 | test F1, context removed "
+        "| dev F1 (model-best) | dev F1, context removed | training |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, recs in group(records).items():
         scores = [r["test_scores"] for r in recs]
         lines.append(
             f"| {label} | {','.join(str(r['seed']) for r in recs)} "
             f"| {mean_std([s['ents_p'] for s in scores])} | {mean_std([s['ents_r'] for s in scores])} "
-            f"| {mean_std([s['ents_f'] for s in scores])} "
-            f"| {mean_std([r['dev'].get('ents_f', 0.0) for r in recs])} | {describe_training(recs)} |"
+            f"| {mean_std([s['ents_f'] for s in scores])} | {no_context_f(recs)} "
+            f"| {mean_std([r['dev'].get('ents_f', 0.0) for r in recs])} | {no_context_f(recs, 'dev')} "
+            f"| {describe_training(recs)} |"
         )
     return "\n".join(lines)
 
@@ -223,7 +255,7 @@ def per_type_table(recs: List[Dict]) -> str:
 
 def write_report(metrics_dir: Path, report: Path) -> str:
     records = [srsly.read_json(p) for p in sorted(metrics_dir.glob("*.json"))
-               if not p.name.endswith(".spacy-evaluate.json")]
+               if not p.name.endswith(("evaluate.json", "two-ways.json"))]
     if not records:
         raise typer.BadParameter(f"no metrics in {metrics_dir}")
     info = machine()
@@ -232,8 +264,10 @@ def write_report(metrics_dir: Path, report: Path) -> str:
         "",
         f"Written on: {machine_line(info)}.",
         "Each run: `spacy train` (model-best chosen on dev by spaCy), then `spacy evaluate "
-        "model-best corpus/test.spacy`. Scores in %, mean ± sample std over seeds (one value "
-        "when there is one seed). Runs trained with overrides (e.g. fewer steps) say so.",
+        "model-best corpus/test.spacy`, and `python -m spacy_agban evaluate` for the same posts "
+        "with their image and caption removed (\"context removed\"; \"—\": the run predates that "
+        "column). Scores in %, mean ± sample std over seeds (one value when there is one seed). "
+        "Runs trained with overrides (e.g. fewer steps) say so.",
         "",
         "## Rows (Table III)",
         "",
@@ -273,6 +307,7 @@ def main(
     dev_limit: Optional[int] = typer.Option(None, help="Use only the first N dev docs (smoke tests)"),
     set_: List[str] = typer.Option([], "--set", help="KEY=VALUE config override for every training, e.g. paths.transformer=DIR"),
     test: Path = typer.Option(ROOT / "corpus" / "test.spacy", help="Test DocBin (never used for choices)"),
+    dev: Path = typer.Option(ROOT / "corpus" / "dev.spacy", help="Dev DocBin (scored both ways for choices)"),
     configs: Path = typer.Option(ROOT / "configs", help="Folder of <row>.cfg"),
     output_dir: Path = typer.Option(ROOT / "training" / "bench", help="Where the trainings go"),
     metrics_dir: Path = typer.Option(ROOT / "metrics" / "bench", help="One JSON per run"),
@@ -304,7 +339,7 @@ def main(
                 runs += [Run(row=row, seed=seed, k=k) for k in ks]
     typer.echo(f"{len(runs)} runs")
     for run in runs:
-        run_one(run, configs, output_dir, metrics_dir, test, overrides)
+        run_one(run, configs, output_dir, metrics_dir, test, overrides, dev)
     typer.echo(write_report(metrics_dir, report))
 
 

@@ -1,4 +1,5 @@
 """Adversarial learning between modalities (paper eq. 8, 24-25)."""
+import math
 from typing import Any, Tuple
 
 import torch
@@ -51,25 +52,48 @@ class ModalityDiscriminator(nn.Module):
         return self.layers(features).squeeze(-1)
 
 
+REDUCTIONS = ("mean", "sum")
+
+
 def adversarial_loss(
     discriminator: ModalityDiscriminator,
     text_features: torch.Tensor,
     visual_features: torch.Tensor,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Eq. 8: the discriminator's cross-entropy on both modalities.
 
-    Each modality's mean is weighted equally (tokens far outnumber units). Inputs
-    are the *real* (unpadded) rows only. Zero when either side is empty: with one
-    modality there is nothing to tell apart.
+    "mean": each modality's mean, weighted equally (tokens far outnumber units).
+    "sum": summed over every token and unit, on the scale of the CRF loss (which
+    sums over the batch), so the reversed gradient is not drowned out by it.
+    Inputs are the *real* (unpadded) rows only. Zero when either side is empty:
+    with one modality there is nothing to tell apart.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"adversarial reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if text_features.shape[0] == 0 or visual_features.shape[0] == 0:
         return text_features.new_zeros(())
     text_logits = discriminator(text_features)
     visual_logits = discriminator(visual_features)
     text_loss = F.binary_cross_entropy_with_logits(
-        text_logits, torch.full_like(text_logits, TEXT_LABEL)
+        text_logits, torch.full_like(text_logits, TEXT_LABEL), reduction=reduction
     )
     visual_loss = F.binary_cross_entropy_with_logits(
-        visual_logits, torch.full_like(visual_logits, VISUAL_LABEL)
+        visual_logits, torch.full_like(visual_logits, VISUAL_LABEL), reduction=reduction
     )
+    if reduction == "sum":
+        return text_loss + visual_loss
     return 0.5 * (text_loss + visual_loss)
+
+
+def dann_lambda(max_lambda: float, step: int, warmup_steps: int) -> float:
+    """The GRL weight at a training step: DANN's schedule rising from 0 to max_lambda.
+
+    lambda_p = max_lambda * (2 / (1 + exp(-10 p)) - 1), p = step / warmup_steps
+    (Ganin et al. 2016), so the projectors are not pushed by a discriminator that
+    has not learned anything yet. ``warmup_steps = 0``: max_lambda throughout.
+    """
+    if warmup_steps <= 0:
+        return max_lambda
+    progress = min(1.0, step / warmup_steps)
+    return max_lambda * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0)

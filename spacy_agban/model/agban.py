@@ -5,7 +5,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .adversarial import GradientReversal, ModalityDiscriminator, adversarial_loss
+from .adversarial import GradientReversal, ModalityDiscriminator, adversarial_loss, dann_lambda
 from .crf import CRFOutput
 from .fusion import ConcatFusion, GatedBilinearAttention
 from .projectors import TextProjector, VisualProjector
@@ -26,6 +26,7 @@ class Batch:
     unit_masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (B, K_s)
     external: Optional[torch.Tensor] = None  # (B, T, E) features from another encoder
     tags: Optional[torch.Tensor] = None  # (B, T) long gold tags, 0 on padding
+    outside_only: Optional[torch.Tensor] = None  # (B, T) bool: tokens that can only be O
 
 
 @dataclass
@@ -33,9 +34,13 @@ class Output:
     features: Optional[torch.Tensor] = None  # G_M (B, T, d)
     crf_loss: Optional[torch.Tensor] = None
     adversarial_loss: Optional[torch.Tensor] = None
+    cross_view_loss: Optional[torch.Tensor] = None
     tags: Optional[List[List[int]]] = None
     attention: Optional[torch.Tensor] = None  # (B, T, K)
     gate: Optional[torch.Tensor] = None  # (B, T, d)
+    unit_mask: Optional[torch.Tensor] = None  # (B, K) the units the fusion saw
+    text_features: Optional[torch.Tensor] = None  # G_T (B, T, d)
+    visual_features: Optional[torch.Tensor] = None  # G_V (B, K, d)
 
 
 class AGBANModule(nn.Module):
@@ -44,6 +49,14 @@ class AGBANModule(nn.Module):
     ``fusion`` picks the row of Table III: "none" (BiLSTM-CRF), "concat", "ban",
     "gban"; ``adversarial`` adds the modality discriminator behind a gradient
     reversal layer (AGBAN = gban + adversarial).
+
+    Training for posts without visual context (all off by default = the paper):
+    ``visual_dropout`` masks all units of a training doc with that probability,
+    ``source_dropout`` masks each source of a doc that has several; ``cross_view``
+    weighs a KL term pulling the text-only view's CRF tag marginals towards the
+    multimodal view's (ITA's cross-view alignment, Wang et al. NAACL 2022).
+    ``adversarial_reduction`` and ``grl_warmup_steps`` scale the adversarial loss
+    and schedule the GRL weight (DANN).
     """
 
     def __init__(
@@ -66,8 +79,18 @@ class AGBANModule(nn.Module):
         discriminator_hidden: int,
         dropout: float,
         external_width: int = 0,
+        visual_dropout: float = 0.0,
+        source_dropout: float = 0.0,
+        cross_view: float = 0.0,
+        adversarial_reduction: str = "mean",
+        grl_warmup_steps: int = 0,
     ):
         super().__init__()
+        for name, rate in (("visual_dropout", visual_dropout), ("source_dropout", source_dropout)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        if cross_view < 0:
+            raise ValueError(f"cross_view must be >= 0, got {cross_view}")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if fusion == "none" and adversarial:
@@ -90,10 +113,45 @@ class AGBANModule(nn.Module):
             ModalityDiscriminator(hidden, discriminator_hidden) if adversarial else None
         )
         self.output = CRFOutput(hidden, n_tags, dropout)
+        self.visual_dropout = visual_dropout
+        self.source_dropout = source_dropout
+        self.cross_view = cross_view
+        self.adversarial_reduction = adversarial_reduction
+        self.grl_lambda = grl_lambda
+        self.grl_warmup_steps = grl_warmup_steps
+        self.train_steps = 0  # training forwards seen, for the GRL schedule (not saved)
 
     @property
     def unit_sources(self) -> List[str]:
         return list(self.visual.inputs) if self.visual is not None else []
+
+    def drop_units(self, unit_masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Modality dropout: hide all units of some docs, and some sources of others.
+
+        Random draws happen only for a rate > 0, so with both rates at 0 training
+        consumes the random stream exactly as without this step.
+        """
+        masks = dict(unit_masks)
+        sources = list(masks)
+        if self.source_dropout > 0 and len(sources) > 1:
+            present = torch.stack([masks[s].any(dim=1) for s in sources], dim=1)  # (B, S)
+            several = present.sum(dim=1, keepdim=True) > 1
+            drop = (torch.rand(present.shape, device=present.device) < self.source_dropout) & several
+            for i, source in enumerate(sources):
+                masks[source] = masks[source] & ~drop[:, i : i + 1]
+        if self.visual_dropout > 0:
+            batch = next(iter(masks.values())).shape[0]
+            device = next(iter(masks.values())).device
+            keep = torch.rand((batch, 1), device=device) >= self.visual_dropout
+            masks = {source: mask & keep for source, mask in masks.items()}
+        return masks
+
+    def fuse(self, g_t: torch.Tensor, g_v: torch.Tensor, unit_mask: torch.Tensor, out: Output) -> torch.Tensor:
+        assert self.fusion is not None
+        if isinstance(self.fusion, GatedBilinearAttention):
+            g_m, out.attention, out.gate = self.fusion(g_t, g_v, unit_mask)
+            return g_m
+        return self.fusion(g_t, g_v, unit_mask)
 
     def features(self, batch: Batch) -> Output:
         """G_M for every token, with the adversarial loss and attention on the way."""
@@ -101,23 +159,46 @@ class AGBANModule(nn.Module):
             batch.word_ids, batch.static_vectors, batch.char_ids, batch.char_lengths,
             batch.token_mask, batch.external,
         )
-        out = Output(features=g_t)
+        out = Output(features=g_t, text_features=g_t)
         if self.visual is None or self.fusion is None:
             return out
         sources = self.unit_sources
         g_v = self.visual({s: batch.units[s] for s in sources})
-        unit_mask = torch.cat([batch.unit_masks[s] for s in sources], dim=1)
+        unit_masks = {s: batch.unit_masks[s] for s in sources}
+        if self.training:
+            unit_masks = self.drop_units(unit_masks)
+        unit_mask = torch.cat([unit_masks[s] for s in sources], dim=1)
+        out.unit_mask, out.visual_features = unit_mask, g_v
         if self.discriminator is not None and self.reversal is not None:
+            if self.training:
+                self.reversal.lam = dann_lambda(self.grl_lambda, self.train_steps, self.grl_warmup_steps)
             out.adversarial_loss = adversarial_loss(
                 self.discriminator,
                 self.reversal(g_t[batch.token_mask]),
                 self.reversal(g_v[unit_mask]),
+                reduction=self.adversarial_reduction,
             )
-        if isinstance(self.fusion, GatedBilinearAttention):
-            out.features, out.attention, out.gate = self.fusion(g_t, g_v, unit_mask)
-        else:
-            out.features = self.fusion(g_t, g_v, unit_mask)
+        out.features = self.fuse(g_t, g_v, unit_mask, out)
         return out
+
+    def cross_view_loss(self, batch: Batch, out: Output, g_m_scores: torch.Tensor) -> torch.Tensor:
+        """KL(multimodal || text-only) of the per-token CRF tag marginals, summed.
+
+        The text-only view is the fusion with every unit masked (what a post without
+        context gets). The multimodal marginals are the target (no gradient through
+        them), as in ITA; only docs that kept units count, since for the others the
+        two views are the same input.
+        """
+        assert out.unit_mask is not None and out.text_features is not None
+        assert out.visual_features is not None
+        no_units = torch.zeros_like(out.unit_mask)
+        text_view = self.fuse(out.text_features, out.visual_features, no_units, Output())
+        log_text = self.output.log_marginals(self.output.scores(text_view), batch.token_mask)
+        with torch.no_grad():
+            log_target = self.output.log_marginals(g_m_scores, batch.token_mask)
+        kl = (log_target.exp() * (log_target - log_text)).sum(dim=-1)
+        counted = batch.token_mask & out.unit_mask.any(dim=1, keepdim=True)
+        return kl.masked_fill(~counted, 0.0).sum()
 
     def forward(
         self, batch: Batch, external: Optional[torch.Tensor] = None, decode: bool = False
@@ -128,9 +209,15 @@ class AGBANModule(nn.Module):
         g_m = out.features
         assert g_m is not None
         if decode:
-            out.tags = self.output.decode(g_m, batch.token_mask)
+            out.tags = self.output.decode(g_m, batch.token_mask, batch.outside_only)
         if batch.tags is not None:
-            out.crf_loss = self.output.loss(g_m, batch.tags, batch.token_mask)
+            scores = self.output.scores(g_m)
+            out.crf_loss = self.output.nll(scores, batch.tags, batch.token_mask)
             if out.adversarial_loss is None:
                 out.adversarial_loss = g_m.new_zeros(())
+            out.cross_view_loss = g_m.new_zeros(())
+            if self.cross_view > 0 and out.visual_features is not None:
+                out.cross_view_loss = self.cross_view * self.cross_view_loss(batch, out, scores)
+            if self.training:
+                self.train_steps += 1
         return out

@@ -1,9 +1,11 @@
 """CRF output layer over BIO tags (paper eq. 16-21), on pytorch-crf."""
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
 from torchcrf import CRF
+
+OUTSIDE_TAG = 0  # the pipe puts "O" first in its tag list
 
 
 class CRFOutput(nn.Module):
@@ -24,15 +26,62 @@ class CRFOutput(nn.Module):
 
     def loss(self, features: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood (eq. 19), summed over the docs of the batch."""
-        log_likelihood = self.crf(self.scores(features), tags, mask=mask, reduction="sum")
-        return -log_likelihood
+        return self.nll(self.scores(features), tags, mask)
 
-    def decode(self, features: torch.Tensor, mask: torch.Tensor) -> List[List[int]]:
-        """Viterbi decoding (eq. 21), batched (same result as ``self.crf.decode``)."""
+    def nll(self, scores: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of given emission scores, summed over the docs."""
+        return -self.crf(scores, tags, mask=mask, reduction="sum")
+
+    def log_marginals(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-token log P(y_t = k | x) (B, T, K) of given emission scores."""
         crf = self.crf
-        return viterbi_decode(
-            self.scores(features), mask, crf.start_transitions, crf.transitions, crf.end_transitions
-        )
+        return crf_log_marginals(scores, mask, crf.start_transitions, crf.transitions, crf.end_transitions)
+
+    def decode(
+        self, features: torch.Tensor, mask: torch.Tensor, outside_only: Optional[torch.Tensor] = None
+    ) -> List[List[int]]:
+        """Viterbi decoding (eq. 21), batched (same result as ``self.crf.decode``).
+
+        ``outside_only`` (B, T) bool marks tokens that may only take the O tag
+        (whitespace: spaCy never puts an entity on it); the constraint is part of the
+        search, so an entity around such a token is re-decoded, never cut afterwards.
+        """
+        scores = self.scores(features)
+        if outside_only is not None and bool(outside_only.any()):
+            forbidden = torch.zeros_like(scores, dtype=torch.bool)
+            forbidden[..., OUTSIDE_TAG + 1:] = outside_only.unsqueeze(-1)
+            scores = scores.masked_fill(forbidden, torch.finfo(scores.dtype).min / 4)
+        crf = self.crf
+        return viterbi_decode(scores, mask, crf.start_transitions, crf.transitions, crf.end_transitions)
+
+
+def crf_log_marginals(
+    emissions: torch.Tensor,
+    mask: torch.Tensor,
+    start: torch.Tensor,
+    transitions: torch.Tensor,
+    end: torch.Tensor,
+) -> torch.Tensor:
+    """Log tag marginals of a linear-chain CRF, by forward-backward in log space.
+
+    emissions (B, T, K), mask (B, T) contiguous from the start with mask[:, 0] true;
+    returns (B, T, K) log-probabilities whose exp sums to one over K on every real
+    token (rows of padding positions are meaningless). Differentiable: pytorch-crf
+    gives only the likelihood and Viterbi, not marginals.
+    """
+    batch, length, _ = emissions.shape
+    mask = mask.bool()
+    alphas = [start + emissions[:, 0]]  # log-sum of paths ending in each tag at t
+    for t in range(1, length):
+        step = torch.logsumexp(alphas[-1].unsqueeze(2) + transitions, dim=1) + emissions[:, t]
+        alphas.append(torch.where(mask[:, t].unsqueeze(1), step, alphas[-1]))
+    log_z = torch.logsumexp(alphas[-1] + end, dim=1)  # padding carries the last alpha over
+    betas = [end.expand(batch, -1)]  # log-sum of path continuations from each tag at t
+    for t in range(length - 2, -1, -1):
+        nxt = (emissions[:, t + 1] + betas[0]).unsqueeze(1)  # (B, 1, K_next)
+        step = torch.logsumexp(transitions + nxt, dim=2)
+        betas.insert(0, torch.where(mask[:, t + 1].unsqueeze(1), step, end.expand(batch, -1)))
+    return torch.stack(alphas, dim=1) + torch.stack(betas, dim=1) - log_z[:, None, None]
 
 
 @torch.no_grad()

@@ -1,0 +1,109 @@
+"""Run trainings side by side and record each one's RSS against its training step.
+
+    python benchmarks/train_memory.py --run agban="configs/agban.cfg --output training/mem/agban" \
+        --run text="configs/bilstm_crf.cfg --output training/mem/text" --out metrics/train_memory.json
+
+Each ``--run NAME="ARGS"`` is ``python -m spacy train ARGS`` with its own JSONL log (the
+step comes from the last line spaCy's logger wrote) and ``OMP_NUM_THREADS=1``. Every
+``--every`` seconds the script samples the resident memory of each training process
+and its children. The runs start together, so they share the machine the same way
+(these machines are noisy: compare runs within one call, not across calls).
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import typer
+
+ROOT = Path(__file__).resolve().parents[1]
+app = typer.Typer(add_completion=False)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants, in MB (0 once it has gone)."""
+    total = 0
+    for child in [pid] + descendants(pid):
+        try:
+            fields = Path(f"/proc/{child}/statm").read_text().split()
+            total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return total / 1e6
+
+
+def descendants(pid: int) -> List[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    result = [int(c) for c in children]
+    for child in list(result):
+        result += descendants(child)
+    return result
+
+
+def last_step(jsonl: Path) -> Optional[int]:
+    if not jsonl.exists():
+        return None
+    step = None
+    with jsonl.open(errors="replace") as handle:
+        for line in handle:
+            try:
+                step = json.loads(line).get("step", step)
+            except json.JSONDecodeError:
+                continue  # a line being written
+    return step
+
+
+@app.command()
+def main(
+    run: List[str] = typer.Option(..., help='NAME="spacy train ARGS" (repeat for side by side runs)'),
+    out: Path = typer.Option(ROOT / "metrics" / "train_memory.json", help="Samples + summary JSON"),
+    every: float = typer.Option(30.0, help="Seconds between samples"),
+    logs: Path = typer.Option(ROOT / "training" / "memory", help="Where the logs go"),
+) -> None:
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs: Dict[str, subprocess.Popen] = {}
+    jsonls: Dict[str, Path] = {}
+    for item in run:
+        name, sep, args = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--run takes NAME=ARGS, got {item!r}")
+        jsonls[name] = logs / f"{name}.jsonl"
+        jsonls[name].unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "spacy", "train", *shlex.split(args),
+               "--training.logger.output_file", str(jsonls[name])]
+        log = (logs / f"{name}.log").open("w")
+        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    samples: Dict[str, List[Dict[str, float]]] = {name: [] for name in procs}
+    start = time.time()
+    while any(p.poll() is None for p in procs.values()):
+        for name, proc in procs.items():
+            if proc.poll() is None:
+                samples[name].append({"seconds": round(time.time() - start, 1),
+                                      "step": last_step(jsonls[name]), "rss_mb": round(rss_mb(proc.pid), 1)})
+        write(out, samples, procs)
+        time.sleep(every)
+    write(out, samples, procs)
+    for name, proc in procs.items():
+        peak = max((s["rss_mb"] for s in samples[name]), default=0.0)
+        typer.echo(f"{name}: exit {proc.returncode}, peak RSS {peak:.0f} MB, last step {last_step(jsonls[name])}")
+
+
+def write(out: Path, samples: Dict[str, List[Dict[str, float]]], procs: Dict[str, subprocess.Popen]) -> None:
+    summary = {name: {"peak_rss_mb": max((s["rss_mb"] for s in rows), default=0.0),
+                      "last_step": next((s["step"] for s in reversed(rows) if s["step"] is not None), None),
+                      "returncode": procs[name].returncode}
+               for name, rows in samples.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "samples": samples}, indent=1))
+
+
+if __name__ == "__main__":
+    app()
