@@ -11,6 +11,7 @@ and its children. The runs start together, so they share the machine the same wa
 """
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -47,17 +48,25 @@ def descendants(pid: int) -> List[int]:
     return result
 
 
-def last_step(jsonl: Path) -> Optional[int]:
-    if not jsonl.exists():
-        return None
-    step = None
-    with jsonl.open(errors="replace") as handle:
-        for line in handle:
+STEP_ROW = re.compile(r"^\s*\d+\s+(\d+)\s+\d")  # "  E    #  LOSS ..." rows of spaCy's table
+
+
+def last_step(jsonl: Path, console_log: Path) -> Optional[int]:
+    """The last evaluated step: from the JSONL log, or the console table (spaCy's
+    logger buffers its JSONL file, so the console is often ahead)."""
+    steps: List[int] = []
+    if jsonl.exists():
+        for line in jsonl.read_text(errors="replace").splitlines():
             try:
-                step = json.loads(line).get("step", step)
-            except json.JSONDecodeError:
+                steps.append(int(json.loads(line)["step"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a line being written
-    return step
+    if console_log.exists():
+        for line in console_log.read_text(errors="replace").splitlines():
+            match = STEP_ROW.match(line)
+            if match:
+                steps.append(int(match.group(1)))
+    return max(steps) if steps else None
 
 
 @app.command()
@@ -87,13 +96,14 @@ def main(
         for name, proc in procs.items():
             if proc.poll() is None:
                 samples[name].append({"seconds": round(time.time() - start, 1),
-                                      "step": last_step(jsonls[name]), "rss_mb": round(rss_mb(proc.pid), 1)})
+                                      "step": last_step(jsonls[name], logs / f"{name}.log"), "rss_mb": round(rss_mb(proc.pid), 1)})
         write(out, samples, procs)
         time.sleep(every)
     write(out, samples, procs)
     for name, proc in procs.items():
         peak = max((s["rss_mb"] for s in samples[name]), default=0.0)
-        typer.echo(f"{name}: exit {proc.returncode}, peak RSS {peak:.0f} MB, last step {last_step(jsonls[name])}")
+        step = last_step(jsonls[name], logs / f"{name}.log")
+        typer.echo(f"{name}: exit {proc.returncode}, peak RSS {peak:.0f} MB, last step {step}")
 
 
 def write(out: Path, samples: Dict[str, List[Dict[str, float]]], procs: Dict[str, subprocess.Popen]) -> None:

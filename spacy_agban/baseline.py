@@ -1,7 +1,7 @@
 """The spaCy baseline's embedding: spaCy's MultiHashEmbed with the GloVe lookup by LOWER.
 
 GloVe 6B is lowercase. spaCy's ``StaticVectors`` looks rows up by ``vocab.vectors.attr``,
-which spaCy 3.8 keeps in memory but does not write to ``vectors.cfg`` (PITFALLS.md): a
+which spaCy 3.8 keeps in memory but does not write to ``vectors.cfg``: a
 pipeline trained with ``attr = LOWER`` silently reads vectors by exact token after
 ``spacy.load``. A callback cannot fix it either: ``[nlp] after_pipeline_creation`` runs
 before ``Vocab.from_disk``, which resets ``attr`` to ORTH from the saved cfg.

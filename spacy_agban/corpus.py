@@ -2,7 +2,7 @@
 
 spaCy builds each training/evaluation example as ``Example(nlp.make_doc(ref.text),
 ref)``: the predicted doc is made from the text alone and loses ``doc._.image`` and
-``doc._.image_caption`` (PITFALLS.md). The visual context is *input*, not
+``doc._.image_caption``. The visual context is *input*, not
 annotation, so we copy it onto the predicted doc:
 
 :func:`patch_stock_corpus` wraps ``Corpus._make_example``, the one place where spaCy

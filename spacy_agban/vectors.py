@@ -48,7 +48,7 @@ def build_vectors(glove_txt: Optional[Path] = None) -> Language:
     """A blank English pipeline whose vocab holds the vectors, keyed by word.
 
     The agban component looks vectors up by the lowercased token itself, so the table
-    needs no ``attr`` setting (which spaCy 3.8 would not save, PITFALLS.md).
+    needs no ``attr`` setting (which spaCy 3.8 would not save).
     """
     words, matrix = load_glove_txt(glove_txt) if glove_txt else load_packaged_glove()
     nlp = spacy.blank("en")
