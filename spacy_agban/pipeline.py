@@ -24,10 +24,16 @@ install_extensions()
 
 DEFAULT_CONFIG_STR = """
 [model]
-@architectures = "spacy_agban.AGBAN.v1"
+@architectures = "spacy_agban.AGBAN.v3"
 fusion = "gban"
 adversarial = true
 grl_lambda = 1.0
+use_word_features = true
+visual_dropout = 0.3
+source_dropout = 0.0
+cross_view = 1.0
+adversarial_reduction = "mean"
+grl_warmup_steps = 0
 word_dim = 50
 char_dim = 30
 char_hidden = 50

@@ -81,5 +81,6 @@ def test_logger_writes_both_losses(tiny_data, tmp_path):
     (tmp_path / "out").mkdir()
     train_loop(nlp, tmp_path / "out", stdout=open(os.devnull, "w"))
     rows = list(srsly.read_jsonl(tmp_path / "log.jsonl"))
-    assert rows and set(rows[-1]["losses"]) == {"agban", "agban_adv"}
+    assert rows and set(rows[-1]["losses"]) == {"agban", "agban_adv", "agban_cv"}
     assert rows[-1]["losses"]["agban_adv"] > 0
+    assert rows[-1]["losses"]["agban_cv"] > 0  # the default trains the text-only view too
