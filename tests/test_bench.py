@@ -208,3 +208,6 @@ def test_quality_table_shows_the_score_without_visual_context():
     table = quality.quality_table([with_column, record("b", 0, 0.7, 0.60)])
     assert "| a | 0 | 60.00 | 60.00 | 60.00 | 55.00 | 70.00 | 52.00 |" in table
     assert "| b | 0 | 60.00 | 60.00 | 60.00 | — | 70.00 | — |" in table
+    older = record("a", 1, 0.7, 0.60)  # a run from before the column: left out, seeds named
+    table = quality.quality_table([with_column, older])
+    assert "| 55.00 (seed 0) |" in table

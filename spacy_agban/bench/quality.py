@@ -65,9 +65,14 @@ def has_caption_units(config_path: Path) -> bool:
     return bool(config["components"].get("agban", {}).get("caption_units"))
 
 
+# Rows measured before the configs trained for posts without visual context (the
+# paper's training: visual_dropout = 0, cross_view = 0) carry this suffix.
+PAPER_SUFFIX = "_paper"
+
+
 def config_top_k(row: str, configs: Path = ROOT / "configs") -> Optional[int]:
     """The caption top_k that configs/<row>.cfg trains with (None without caption units)."""
-    path = configs / f"{row}.cfg"
+    path = configs / f"{row.removesuffix(PAPER_SUFFIX)}.cfg"
     if not path.exists():
         return None
     units = Config().from_disk(path, interpolate=False)["components"].get("agban", {}).get("caption_units")
@@ -125,6 +130,14 @@ def evaluate_two_ways(model: Path, data: Path, output: Path) -> Dict:
     return srsly.read_json(output)
 
 
+def relative(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def prf(scores: Dict) -> Dict:
     return {key: scores.get(key) for key in ("ents_p", "ents_r", "ents_f")}
 
@@ -158,7 +171,7 @@ def run_one(run: Run, configs: Path, out_dir: Path, metrics_dir: Path, test: Pat
     dev_two = evaluate_two_ways(model, dev, metrics_dir / f"{run.name}.dev-two-ways.json")
     record = {
         "row": run.row, "seed": run.seed, "k": run.k, "name": run.name,
-        "model": str(model), "test": str(test), "overrides": overrides,
+        "model": relative(model), "test": relative(test), "overrides": overrides,
         "existing": run.existing is not None, "train_seconds": train_seconds,
         "dev": meta.get("performance", {}),
         "test_scores": {key: raw.get(key) for key in ("ents_p", "ents_r", "ents_f")},
@@ -206,14 +219,20 @@ def describe_training(recs: List[Dict]) -> str:
 
 
 def no_context_f(recs: List[Dict], split: str = "test") -> str:
-    """F1 with the visual context removed; "—" when a run predates that measurement."""
+    """F1 with the visual context removed, over the runs that measured it ("—": none;
+    runs from before that column are left out and the seeds that count are named)."""
     if split == "test":
-        values = [r.get("test_no_context", {}).get("ents_f") for r in recs]
+        pairs = [(r["seed"], r.get("test_no_context", {}).get("ents_f")) for r in recs]
     else:
-        values = [r.get("dev_two_ways", {}).get("without_context", {}).get("ents_f") for r in recs]
-    if any(v is None for v in values):
+        pairs = [(r["seed"], r.get("dev_two_ways", {}).get("without_context", {}).get("ents_f"))
+                 for r in recs]
+    measured = [(seed, v) for seed, v in pairs if v is not None]
+    if not measured:
         return "—"
-    return mean_std(values)
+    text = mean_std([v for _, v in measured])
+    if len(measured) < len(pairs):
+        text += f" (seed {','.join(str(seed) for seed, _ in measured)})"
+    return text
 
 
 def quality_table(records: List[Dict]) -> str:
