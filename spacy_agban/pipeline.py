@@ -221,6 +221,9 @@ class AGBANRecognizer(TrainablePipe):
             if store:
                 doc._.visual_units = doc_units.meta()
             result.append(doc_units)
+        report = getattr(self.caption_units, "report_skipped", None)
+        if report is not None:
+            report()  # captions are read doc by doc: the batch ends here
         return result
 
     # ----- prediction -------------------------------------------------------------------
