@@ -2,6 +2,8 @@
 import numpy
 import pytest
 import spacy
+from PIL import Image
+from spacy.tokens import DocBin
 from spacy.training import Example
 
 from conftest import (
@@ -249,3 +251,25 @@ def test_skipped_captions_past_the_limit_are_counted_and_logged(caption_pipeline
         doc._.image_caption = 1.5
     list(nlp.pipe(docs, batch_size=13))
     assert "13 more captions could not be used" in caplog.text
+
+
+def test_n_process_takes_path_images_and_explains_in_memory_ones(caption_pipeline, tmp_path):
+    nlp, _ = caption_pipeline
+    image = tmp_path / "post.png"
+    Image.new("RGB", (8, 8)).save(image)
+
+    def docs(ref):
+        result = [make_doc(nlp, text, caption) for text, caption, _ in CAPTION_POSTS]
+        for doc in result:
+            doc._.image = ref
+        return result
+
+    single = list(nlp.pipe(docs(image)))
+    multi = list(nlp.pipe(docs(image), n_process=2, batch_size=2))
+    assert [ents(d) for d in multi] == [ents(d) for d in single]
+    assert [d._.image for d in multi] == [str(image)] * len(CAPTION_POSTS)  # travels as a string
+    docbin = DocBin(docs=docs(image), store_user_data=True)
+    assert {d._.image for d in DocBin().from_bytes(docbin.to_bytes()).get_docs(nlp.vocab)} == {str(image)}
+    # spaCy sends docs to its workers with doc.to_bytes too: the error comes at once.
+    with pytest.raises(TypeError, match="save the image to a file and set doc._.image to its path"):
+        list(nlp.pipe(docs(Image.new("RGB", (8, 8))), n_process=2, batch_size=2))
