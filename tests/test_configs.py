@@ -40,6 +40,9 @@ def _overrides(tiny_data: Path, config_path: Path) -> dict:
     if "agban" in load_config(config_path)["components"]:
         overrides["components.agban.model.word_dim"] = 8
     if "object_store" in load_config(config_path)["paths"]:  # an empty store: no object units
+        from spacy_agban.detection.store import FeatureStore
+
+        FeatureStore(tiny_data / "objects.sqlite").close()  # a reader needs it to exist
         overrides["paths.object_store"] = str(tiny_data / "objects.sqlite")
     config = load_config(config_path)
     if "transformer" in config["paths"]:
