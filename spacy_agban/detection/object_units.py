@@ -401,7 +401,8 @@ def make_object_units(
     """Object units from a feature store (``store``), a detector, or both.
 
     With a store and no detector, ``signature`` names the detector whose stored
-    features to use (not needed when the store holds only one).
+    features to use (not needed when the store holds only one; a trained pipeline
+    pins the one it was trained with). Without a detector the store must exist.
     """
     return ObjectUnits(
         store=store,
