@@ -6,10 +6,11 @@
 What is real: the code path of a user with a filled feature store. Every test post gets an
 image file (a synthetic JPEG, 400x300, under OUT/images, named as in ``doc._.image``), the
 store holds 3 objects (1024-d) for each image's content hash, and the pipeline is
-``configs/agban_objects.cfg`` (caption and object units), initialized on 200 training posts.
+``configs/agban_objects.cfg`` (object units only: its ``caption_units = null``, so the
+benchmark measures the object path alone), initialized on 200 training posts.
 What is not: the features are random and the weights untrained (no detector weights or
 Twitter-2015 images here), so its *predictions* mean nothing; the work per post (read and
-hash the image file, look up the store, run fusion over 3 + up to 8 units) is the real one.
+hash the image file, look up the store, run fusion over its 3 object units) is the real one.
 """
 from pathlib import Path
 

@@ -23,7 +23,7 @@ import torch
 from spacy.tokens import Doc
 from spacy.util import registry
 
-from .visual_units import CAPTION, CaptionUnits, VisualUnit
+from .visual_units import CAPTION, CaptionUnits, CaptionWarning, SkipWarnings, VisualUnit, caption_of
 
 SENTENCE_LABEL = "<caption>"
 _PUNCT = ".,;:!?\"'()[]{}"
@@ -59,6 +59,7 @@ class CaptionEncoderUnits:
         self._words = CaptionUnits(max_chars=max_chars)
         self._encoder: Optional[Tuple[Any, Any, torch.device]] = None
         self._cache: "OrderedDict[str, List[VisualUnit]]" = OrderedDict()
+        self.skipped = SkipWarnings("captions", CaptionWarning)
 
     @property
     def width(self) -> int:
@@ -85,12 +86,11 @@ class CaptionEncoderUnits:
         return self._encoder
 
     def caption_of(self, doc: Doc) -> Optional[str]:
-        caption = doc._.get("image_caption")
-        if not caption or self.top_k == 0:
-            return None
-        if not isinstance(caption, str):
-            raise TypeError(f"doc._.image_caption must be a string, got {type(caption).__name__}")
-        return caption
+        caption = caption_of(doc, self.skipped)
+        return None if self.top_k == 0 else caption
+
+    def report_skipped(self) -> None:
+        self.skipped.report()
 
     def prefetch(self, docs: Sequence[Doc]) -> None:
         """Encode the captions of ``docs`` not in the cache, ``batch_size`` at a time."""

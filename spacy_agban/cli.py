@@ -16,22 +16,22 @@ def convert(
     type_map: str = typer.Option("OTHER=MISC", help="Entity type renames, OLD=NEW,..."),
 ) -> None:
     """Convert UMT-style CoNLL (IMGID: lines, token<TAB>tag) to .spacy DocBins."""
-    from .convert import ConversionError, convert_file, format_stats, parse_type_map, read_captions
+    from .convert import convert_file, format_stats, parse_type_map, read_captions
 
-    caption_map = read_captions(captions) if captions else {}
     rows = []
-    try:
+    try:  # bad input (a missing file, a malformed line or type map): one line, exit 1
+        mapping = parse_type_map(type_map)
+        caption_map = read_captions(captions) if captions else {}
         for split in splits:
             stem, _, name = split.partition(":")
             source = input_dir / f"{stem}.txt"
             if not source.exists():
                 typer.echo(f"error: {source} does not exist", err=True)
                 raise typer.Exit(1)
-            stats = convert_file(source, output_dir / f"{name or stem}.spacy", caption_map,
-                                 parse_type_map(type_map))
+            stats = convert_file(source, output_dir / f"{name or stem}.spacy", caption_map, mapping)
             rows.append((name or stem, stats))
-    except ConversionError as err:
-        typer.echo(f"error: {err}", err=True)
+    except (OSError, ValueError) as err:  # ConversionError is a ValueError
+        typer.echo(f"error: {describe_error(err)}", err=True)
         raise typer.Exit(1)
     typer.echo(format_stats(rows))
     typer.echo("Entities follow the conlleval convention: an I- tag with no B- before it "
@@ -47,7 +47,11 @@ def vectors(
     """Turn GloVe vectors (offline package or a text file) into spaCy vectors."""
     from .vectors import build_vectors
 
-    nlp = build_vectors(glove_txt)
+    try:
+        nlp = build_vectors(glove_txt)
+    except (OSError, ValueError, ImportError) as err:
+        typer.echo(f"error: {describe_error(err)}", err=True)
+        raise typer.Exit(1)
     output_dir.mkdir(parents=True, exist_ok=True)
     nlp.to_disk(output_dir)
     rows, width = nlp.vocab.vectors.shape
@@ -82,6 +86,13 @@ def evaluate(
                    f"| {100 * (s['ents_f'] or 0):.2f} |")
     if output is not None:
         srsly.write_json(output, scores)
+
+
+def describe_error(err: Exception) -> str:
+    """One line for an error; OSError's own str is "[Errno 2] No such file ...: 'x'"."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return str(err)
 
 
 def _register_tool_commands() -> None:

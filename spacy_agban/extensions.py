@@ -1,4 +1,9 @@
 """Doc extensions that carry a post's visual context through spaCy."""
+import sys
+from pathlib import PurePath
+from typing import Any, Callable, Optional
+
+import srsly
 from spacy.tokens import Doc
 
 #: Inputs: set by the user (or the corpus) before the pipeline runs.
@@ -19,6 +24,28 @@ def install_extensions() -> None:
     for name in ("image", "image_caption", "visual_units", "agban_attention"):
         if not Doc.has_extension(name):
             Doc.set_extension(name, default=None)
+    srsly.msgpack_encoders.register("spacy_agban.visual_input", func=encode_visual_input)
+
+
+def encode_visual_input(obj: Any, chain: Optional[Callable[[Any], Any]] = None) -> Any:
+    """msgpack encoder (srsly) for what ``doc._.image`` may hold at run time.
+
+    ``doc.to_bytes`` packs ``user_data`` with msgpack, which knows neither a Path nor
+    a PIL image; ``nlp.pipe(n_process=2)`` sends every doc back from its workers that
+    way, and a DocBin stores docs that way. A Path is packed as its string (the doc
+    that comes back holds the string); an in-memory image stops with an error that
+    says what to do instead.
+    """
+    if isinstance(obj, PurePath):
+        return str(obj)
+    pil_image = sys.modules.get("PIL.Image")  # not imported: obj cannot be a PIL image
+    if pil_image is not None and isinstance(obj, pil_image.Image):
+        raise TypeError(
+            "an in-memory PIL image (doc._.image) cannot be serialized by doc.to_bytes, a "
+            "DocBin or nlp.pipe(n_process > 1): save the image to a file and set "
+            "doc._.image to its path."
+        )
+    return obj if chain is None else chain(obj)
 
 
 def copy_visual_context(source: Doc, target: Doc) -> None:

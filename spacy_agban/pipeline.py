@@ -100,7 +100,9 @@ class AGBANRecognizer(TrainablePipe):
     """Sets ``doc.ents`` from the text and the post's visual units.
 
     cfg holds everything sized by data (labels, training vocabulary, vector width,
-    unit sources), so that loading builds the model to that size before the weights.
+    unit sources), so that loading builds the model to that size before the weights,
+    and the signature of the detector whose object features the model was trained
+    on, so that a loaded model reads only those from a feature store.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class AGBANRecognizer(TrainablePipe):
         self.scorer = scorer
         self.cfg: Dict[str, Any] = {
             "labels": [], "words": [], "static_width": 0, "unit_dims": {}, "max_words": max_words,
+            "object_signature": None,
         }
 
     # ----- labels and sizes -------------------------------------------------------------
@@ -204,11 +207,27 @@ class AGBANRecognizer(TrainablePipe):
                 f"fusion={fusion!r} needs visual units, but neither caption units (which need "
                 "word vectors: set [initialize] vectors) nor object_units are configured."
             )
+        self.cfg["object_signature"] = self._object_signature()
         self._build_model()
         sample = [eg.predicted for eg in islice(get_examples(), 10) if len(eg.predicted)]
         self.model.initialize(X=(sample, self.visual_units(sample, store=False), None))
 
     # ----- visual units -----------------------------------------------------------------
+    def _object_signature(self) -> Optional[str]:
+        """The detector signature the object units read (None for sources without one)."""
+        if OBJECT not in self.cfg["unit_dims"]:
+            return None
+        signature = getattr(self.object_units, "signature", None)
+        return signature if isinstance(signature, str) and signature else None
+
+    def _pin_object_signature(self) -> None:
+        """Features of another detector mean nothing to this model: read only those it
+        was trained on, whatever else the store holds."""
+        signature = self.cfg.get("object_signature")
+        pin = getattr(self.object_units, "pin_signature", None)
+        if signature and pin is not None:
+            pin(signature)
+
     def visual_units(self, docs: Sequence[Doc], store: bool = True) -> List[DocUnits]:
         """Collect each doc's units (objects, then caption) and record them on the doc."""
         sources = self.cfg["unit_dims"]
@@ -227,6 +246,9 @@ class AGBANRecognizer(TrainablePipe):
             if store:
                 doc._.visual_units = doc_units.meta()
             result.append(doc_units)
+        report = getattr(self.caption_units, "report_skipped", None)
+        if report is not None:
+            report()  # captions are read doc by doc: the batch ends here
         return result
 
     # ----- prediction -------------------------------------------------------------------
@@ -344,6 +366,7 @@ class AGBANRecognizer(TrainablePipe):
     def from_bytes(self, bytes_data: bytes, *, exclude=tuple()) -> "AGBANRecognizer":
         msg = srsly.msgpack_loads(bytes_data)
         self.cfg.update(srsly.json_loads(msg["cfg"]))
+        self._pin_object_signature()
         self._load_weights(msg["model"])
         return self
 
@@ -366,6 +389,7 @@ class AGBANRecognizer(TrainablePipe):
     def from_disk(self, path: Union[str, Path], *, exclude=tuple()) -> "AGBANRecognizer":
         path = util.ensure_path(path)
         self.cfg.update(srsly.read_json(path / "cfg"))
+        self._pin_object_signature()
         self._load_weights((path / "model").read_bytes())
         return self
 

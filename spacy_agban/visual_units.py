@@ -7,8 +7,10 @@ Two sources feed a doc's units, alone or together:
 - ``caption``: the content words of ``doc._.image_caption`` (alt text or an automatic
   caption), each as its word vector. Our extension beyond the paper.
 """
+import logging
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Callable, Dict, Hashable, List, Optional, Protocol, Sequence, Set, Tuple, Type, runtime_checkable
 
 import numpy
 from spacy.lang.en.stop_words import STOP_WORDS
@@ -20,6 +22,83 @@ OBJECT = "object"
 CAPTION = "caption"
 SOURCES = (OBJECT, CAPTION)
 OBJECT_FEATURE_DIM = 1024
+#: Name at most this many skipped inputs one by one (a corpus whose images were
+#: never downloaded would otherwise print thousands of warnings).
+MAX_WARNINGS = 10
+
+logger = logging.getLogger("spacy_agban")
+
+
+class CaptionWarning(UserWarning):
+    """A caption was ignored; its doc goes on without caption units."""
+
+
+class SkipWarnings:
+    """One warning per skipped input (image, caption), naming it, for the first
+    ``limit``; the rest are counted, and :meth:`report` logs how many went unnamed.
+
+    Call :meth:`report` at the end of each batch: past the limit, a corpus full of
+    bad inputs then costs one log line per batch, and nothing is skipped unheard.
+    """
+
+    def __init__(self, what: str, category: Type[Warning], limit: int = MAX_WARNINGS):
+        self.what = what
+        self.category = category
+        self.limit = limit
+        self.count = 0  # distinct inputs skipped so far
+        self.unreported = 0  # skipped without a warning since the last report
+        self._seen: Set[Hashable] = set()
+
+    def warn(self, key: Hashable, message: str, stacklevel: int = 2) -> None:
+        if key in self._seen:  # the same input again (next epoch, next call): said already
+            return
+        self._seen.add(key)
+        self.count += 1
+        if self.count <= self.limit:
+            warnings.warn(message, self.category, stacklevel=stacklevel + 1)
+            return
+        self.unreported += 1
+        if self.count == self.limit + 1 and self.limit > 0:
+            warnings.warn(
+                f"More than {self.limit} {self.what} could not be used; further {self.what} are "
+                "skipped without a warning of their own (their number is logged after each batch).",
+                self.category,
+                stacklevel=stacklevel + 1,
+            )
+
+    def report(self) -> None:
+        """Log how many inputs were skipped without a warning since the last report."""
+        if self.unreported:
+            logger.warning(
+                "%d more %s could not be used and were skipped without a warning of their "
+                "own (%d in all so far).", self.unreported, self.what, self.count,
+            )
+            self.unreported = 0
+
+
+def doc_name(doc: Doc, chars: int = 40) -> str:
+    """A doc's first characters, to name it in a message."""
+    text = doc.text
+    return repr(text if len(text) <= chars else text[:chars] + "...")
+
+
+def caption_of(doc: Doc, skipped: SkipWarnings) -> Optional[str]:
+    """``doc._.image_caption`` if it is a non-empty string, else None.
+
+    A caption of another type (a number, a list, bytes) is a caller's mistake in one
+    doc; like a bad image, it costs that doc its caption units, not the batch.
+    """
+    caption = doc._.get("image_caption")
+    if caption is None or isinstance(caption, str):
+        return caption or None
+    kind = type(caption).__name__
+    skipped.warn(
+        (doc.text, kind),
+        f"Ignoring the caption of doc {doc_name(doc)}: doc._.image_caption must be a string, "
+        f"not {kind}. The doc goes on without caption units.",
+        stacklevel=3,
+    )
+    return None
 
 
 @dataclass
@@ -95,6 +174,10 @@ class CaptionUnits:
             raise ValueError(f"caption top_k must be >= 0, got {top_k}")
         self.top_k = top_k
         self.max_chars = max_chars
+        self.skipped = SkipWarnings("captions", CaptionWarning)
+
+    def report_skipped(self) -> None:
+        self.skipped.report()
 
     def content_words(self, caption: str) -> List[str]:
         words: List[str] = []
@@ -105,13 +188,9 @@ class CaptionUnits:
         return words
 
     def __call__(self, doc: Doc) -> List[VisualUnit]:
-        caption = doc._.get("image_caption")
-        if not caption or self.top_k == 0:
+        caption = caption_of(doc, self.skipped)
+        if caption is None or self.top_k == 0:
             return []
-        if not isinstance(caption, str):
-            raise TypeError(
-                f"doc._.image_caption must be a string, got {type(caption).__name__}"
-            )
         vocab = doc.vocab
         words = self.content_words(caption)
         keys = numpy.asarray([vocab.strings.add(w) for w in words], dtype="uint64")

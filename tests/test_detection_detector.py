@@ -181,3 +181,121 @@ def test_bad_weights_arguments() -> None:
         make_fasterrcnn_mobilenet_detector(weights="IMAGENET", device="cpu")
     with pytest.raises(ValueError, match="top_k"):
         make_fasterrcnn_mobilenet_detector(weights=None, top_k=0, device="cpu")
+
+
+# -- named (DEFAULT) weights: never unpickled, always hash-checked ----------------
+
+MOBILENET_FILE = "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth"
+
+
+class Plant:
+    """Unpickling this writes ``marker``: what a planted checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache; any download attempt fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    return checkpoints
+
+
+def plant(path: Path, marker: Path) -> None:
+    torch.save({"backbone.body.0.0.weight": Plant(marker)}, path)
+    assert not marker.exists()
+
+
+def sha256_of(path: Path) -> str:
+    from spacy_agban.detection.detector import file_sha256
+
+    return file_sha256(path)
+
+
+def test_planted_default_weights_never_run(hub: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    plant(hub / MOBILENET_FILE, marker)
+    with pytest.raises(ValueError, match="refusing detector weights .*fb6a3cc7"):
+        make_fasterrcnn_mobilenet_detector(weights="DEFAULT", device="cpu")
+    assert not marker.exists()
+    torch.load(hub / MOBILENET_FILE, weights_only=False)  # the plant is live: torchvision's load runs it
+    assert marker.exists()
+
+
+def test_planted_file_with_the_right_hash_is_still_not_unpickled(
+    hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_FPN_Weights as Weights
+
+    marker = tmp_path / "marker"
+    plant(tmp_path / "evil.pth", marker)
+    name = f"mobilenet-{sha256_of(tmp_path / 'evil.pth')[:8]}.pth"  # passes the hash check
+    (tmp_path / "evil.pth").rename(hub / name)
+    monkeypatch.setattr(Weights.COCO_V1.value, "url", f"https://example.invalid/{name}")
+    with pytest.raises(ValueError, match="weights_only"):
+        make_fasterrcnn_mobilenet_detector(weights="DEFAULT", device="cpu")
+    assert not marker.exists()
+
+
+def test_wrong_hash_weights_are_refused(hub: Path) -> None:
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    state = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).state_dict()
+    torch.save(state, hub / MOBILENET_FILE)  # real tensors, but not the published file
+    with pytest.raises(ValueError, match="does not start with 'fb6a3cc7'"):
+        make_fasterrcnn_mobilenet_detector(weights="COCO_V1", device="cpu")
+
+
+def test_missing_weights_are_downloaded_with_the_hash_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spacy_agban.detection.detector import fetch_torchvision_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    calls = []
+
+    def download(url: str, dst: str, hash_prefix=None, progress=True) -> None:
+        calls.append((url, hash_prefix))
+        Path(dst).write_bytes(b"tensors")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    url = "https://download.pytorch.org/models/" + MOBILENET_FILE
+    path = fetch_torchvision_weights(url)
+    assert path == tmp_path / "torch" / "hub" / "checkpoints" / MOBILENET_FILE and path.is_file()
+    assert calls == [(url, "fb6a3cc7")]
+    with pytest.raises(FileNotFoundError, match="not in the torch hub cache"):
+        fetch_torchvision_weights(url.replace("fb6a3cc7", "0123abcd"), download=False)
+    with pytest.raises(ValueError, match="no sha256 prefix"):
+        fetch_torchvision_weights("https://example.invalid/weights.pth")
+
+
+def test_default_weights_build_torchvisions_pretrained_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded here, the weights give the very model torchvision's builder gives
+    (frozen BatchNorm, Mask R-CNN's eps 0), so stored features stay valid."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights as Weights
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    state = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    state = {k: (torch.rand_like(v) * 0.01 if k.endswith("running_var") else v)
+             for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "w.pth")
+    name = f"maskrcnn-{sha256_of(tmp_path / 'w.pth')[:8]}.pth"
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (tmp_path / "w.pth").rename(checkpoints / name)
+    monkeypatch.setattr(Weights.COCO_V1.value, "url", f"https://example.invalid/{name}")
+    ours = make_mask_rcnn_detector(weights="DEFAULT", device="cpu", min_size=128, max_size=160).model
+    theirs = maskrcnn_resnet50_fpn(weights=Weights.COCO_V1, min_size=128, max_size=160)  # trusted file
+    assert [(n, type(m), getattr(m, "eps", None)) for n, m in ours.named_modules()] == [
+        (n, type(m), getattr(m, "eps", None)) for n, m in theirs.named_modules()
+    ]
+    theirs_state = theirs.state_dict()
+    assert ours.state_dict().keys() == theirs_state.keys()
+    assert all(torch.equal(v, theirs_state[k]) for k, v in ours.state_dict().items())

@@ -193,6 +193,17 @@ def test_pil_image_input_is_not_modified() -> None:
     assert loaded.image.mode == "RGB" and image.mode == "RGBA"
 
 
+def test_in_memory_image_over_max_pixels_is_refused_before_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = Image.new("RGB", (300, 200))
+    touched = []
+    monkeypatch.setattr(Image.Image, "tobytes", lambda self, *a: touched.append("tobytes") or b"")
+    monkeypatch.setattr(Image.Image, "load", lambda self: touched.append("load"))
+    with pytest.raises(ImageLoadError) as info:
+        ImageLoader(max_pixels=50_000).read(image)
+    assert info.value.kind == "too_large" and "300x200 = 60000 pixels" in str(info.value)
+    assert touched == []  # neither hashed nor decoded
+
+
 def test_wrong_type_is_refused() -> None:
     with pytest.raises(ImageLoadError, match="path string, a Path or a PIL image"):
         ImageLoader().load(12345)  # type: ignore[arg-type]

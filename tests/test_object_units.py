@@ -232,11 +232,79 @@ def test_store_only_needs_a_signature_when_ambiguous(root: Path, tmp_path: Path,
 
 
 def test_empty_store_without_detector_falls_back_with_one_warning(root: Path, tmp_path: Path, nlp) -> None:
-    source = ObjectUnits(store=tmp_path / "absent" / "f.sqlite", image_root=root)
+    FeatureStore(tmp_path / "f.sqlite").close()  # created by a writer, never filled
+    source = ObjectUnits(store=tmp_path / "f.sqlite", image_root=root)
     with pytest.warns(ImageWarning, match="no detector is configured") as record:
         assert source(make_docs(nlp, [colored(root, "a.png"), None])) == [[], []]
         source(make_docs(nlp, ["a.png"]))
     assert len(record) == 1
+
+
+def test_a_missing_store_is_an_error_not_created(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # run from another folder: the relative path points nowhere
+    with pytest.raises(FileNotFoundError, match=f"'stores/objects.sqlite' not found \\(looked for {tmp_path}/stores/objects.sqlite"):
+        ObjectUnits(store="stores/objects.sqlite", image_root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        FeatureStore(tmp_path / "stores" / "objects.sqlite", create=False)
+    assert not (tmp_path / "stores").exists()
+    # Through a config, as spacy.load builds it.
+    config = Config().from_str("""
+    [units]
+    @misc = "spacy_agban.ObjectUnits.v1"
+    store = "stores/objects.sqlite"
+    """)
+    with pytest.raises(FileNotFoundError, match="stores/objects.sqlite"):
+        registry.resolve(config)
+    assert not (tmp_path / "stores").exists()
+    # A writer (a source with a detector, the detect command) still creates it.
+    assert ObjectUnits(store="stores/objects.sqlite", detector=FakeDetector()).store is not None
+    assert ObjectUnits(store="stores/objects.sqlite").store.count() == 0
+
+
+def test_without_detector_bad_images_are_named(root: Path, tmp_path: Path, nlp) -> None:
+    import struct
+    import zlib
+
+    store = tmp_path / "f.sqlite"
+    stored = colored(root, "stored.png")
+    ObjectUnits(store=store, detector=FakeDetector(), image_root=root).detections_for([stored])
+    unstored = colored(root, "unstored.png", (1, 2, 3))
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(root / "full.jpg")
+    (root / "truncated.jpg").write_bytes((root / "full.jpg").read_bytes()[:300])
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
+    (root / "text.jpg").write_text("this is a text file renamed .jpg")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # a 20000x20000 RGB PNG header
+    (root / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    bad = ["truncated.jpg", "corrupt.jpg", "text.jpg", "huge.png"]
+    source = ObjectUnits(store=store, image_root=root)
+    with pytest.warns(ImageWarning) as record:
+        units = source(make_docs(nlp, [stored, unstored] + bad))
+        source(make_docs(nlp, [stored, unstored] + bad))  # the same images again: quiet
+    assert len(units[0]) == 3 and all(u == [] for u in units[1:])
+    messages = [str(w.message) for w in record]
+    for name in bad:
+        assert len([m for m in messages if f"Skipping image {name!r}" in m]) == 1
+    assert "decompression bomb" in " ".join(messages)
+    (no_detector,) = [m for m in messages if "no detector is configured" in m]
+    assert no_detector.startswith("1 image(s) are not in the feature store")  # only the good one
+    assert len(messages) == len(bad) + 1
+
+
+def test_images_past_the_warning_limit_are_counted_and_logged(root: Path, nlp, caplog) -> None:
+    source = ObjectUnits(detector=FakeDetector(), image_root=root, max_warnings=2)
+    big = Image.new("RGB", (300, 300))
+    with pytest.warns(ImageWarning) as record:
+        source(make_docs(nlp, [f"gone{i}.jpg" for i in range(5)]))
+    assert len(record) == 3 and "5 in all so far" in caplog.text and "3 more images" in caplog.text
+    caplog.clear()
+    source.loader.max_pixels = 50_000  # an in-memory image is refused by its size too
+    source(make_docs(nlp, [big, "gone0.jpg"]))
+    assert "1 more images could not be used" in caplog.text and "(6 in all so far)" in caplog.text
+    assert source.n_warnings == 6
 
 
 def test_built_from_a_config(tmp_path: Path) -> None:
@@ -342,11 +410,9 @@ def test_detect_command_on_a_docbin(tmp_path: Path, root: Path, nlp) -> None:
     assert (summary["images"], summary["detected"], summary["missing"]) == (2, 1, 1)
 
 
-@pytest.mark.parametrize("make_folder", [False, True])
-def test_detect_command_without_images_exits_cleanly(tmp_path: Path, capsys, make_folder: bool) -> None:
+def test_detect_command_without_images_exits_cleanly(tmp_path: Path, capsys) -> None:
     folder = tmp_path / "images"
-    if make_folder:
-        folder.mkdir()
+    folder.mkdir()
     summary = detect_command(folder, tmp_path / "f.sqlite", image_root=None, detector="maskrcnn",
                              weights="random", min_size=128, max_size=None, top_k=3, batch_size=1,
                              score_threshold=0.0, device="cpu", limit=None, allow_remote=False)
@@ -354,6 +420,18 @@ def test_detect_command_without_images_exits_cleanly(tmp_path: Path, capsys, mak
     out = capsys.readouterr().out
     assert str(folder) in out and "captions/text" in out
     assert not (tmp_path / "f.sqlite").exists()  # nothing built, nothing written
+
+
+def test_detect_command_on_a_missing_folder_fails(tmp_path: Path, capsys) -> None:
+    import typer
+
+    with pytest.raises(typer.Exit) as info:
+        detect_command(tmp_path / "nope", tmp_path / "f.sqlite", image_root=None, detector="maskrcnn",
+                       weights="random", min_size=128, max_size=None, top_k=3, batch_size=1,
+                       score_threshold=0.0, device="cpu", limit=None, allow_remote=False)
+    assert info.value.exit_code == 1
+    assert f"image folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "f.sqlite").exists()
 
 
 # -- object units inside the agban pipe ------------------------------------------------
@@ -413,3 +491,66 @@ def test_object_units_in_the_pipe_call_pipe_and_reload(tmp_path: Path, root: Pat
     reloaded = spacy.load(tmp_path / "model")
     assert tags(reloaded(doc) for doc in docs_of(reloaded)) == tags(called)
     assert reloaded.get_pipe("agban").object_units.n_detector_images == 0
+
+
+def test_a_saved_pipeline_reads_only_its_detectors_features(tmp_path: Path, root: Path) -> None:
+    """The detector signature the model was trained with is saved with it: a store that
+    later holds another detector's features as well, or only those, changes nothing
+    silently."""
+    from spacy.training import Example
+
+    colored(root, "red.png", (255, 0, 0))
+    colored(root, "blue.png", (0, 0, 255))
+    store = tmp_path / "f.sqlite"
+    filler = ObjectUnits(store=store, detector=FakeDetector(tag="a"), image_root=root)
+    filler.detections_for(["red.png", "blue.png"])
+    trained_sig = filler.signature
+    units_config = {"@misc": "spacy_agban.ObjectUnits.v1", "store": str(store), "image_root": str(root)}
+    nlp = spacy.blank("en")
+    nlp.add_pipe("agban", config={"model": {**TINY_MODEL, "fusion": "gban"},
+                                  "caption_units": None, "object_units": units_config})
+
+    def docs_of(pipeline) -> List[Doc]:
+        docs = []
+        for text, image, _ in IMAGE_POSTS:
+            doc = pipeline.make_doc(text)
+            doc._.image = image
+            docs.append(doc)
+        return docs
+
+    examples = [Example.from_dict(doc, {"entities": ents}) for doc, (_, _, ents) in zip(docs_of(nlp), IMAGE_POSTS)]
+    nlp.initialize(lambda: examples)  # the store holds one signature: that one is used
+    assert nlp.get_pipe("agban").cfg["object_signature"] == trained_sig
+    expected = [d._.visual_units for d in nlp.pipe(docs_of(nlp))]
+    nlp.to_disk(tmp_path / "model")
+
+    # Another detector's features for the same images join the store.
+    other = FakeDetector(tag="b")
+    other_store = FeatureStore(store)
+    other_store.register_signature(other.signature_key(), other.signature())
+    entries = [(key, Detections(numpy.full((3, 1024), 7.0, "float32"), ["x", "y", "z"],
+                                numpy.ones(3, "float32"), numpy.zeros((3, 4), "float32")))
+               for key in other_store.keys(trained_sig)]
+    other_store.put_many(entries, other.signature_key())
+    reloaded = spacy.load(tmp_path / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImageWarning)
+        assert [d._.visual_units for d in reloaded.pipe(docs_of(reloaded))] == expected
+
+    # Only the other detector's features: said once, not used.
+    with other_store._transaction() as conn:
+        conn.execute("DELETE FROM detections WHERE sig = ?", (trained_sig,))
+        conn.execute("DELETE FROM signatures WHERE sig = ?", (trained_sig,))
+    reloaded = spacy.load(tmp_path / "model")
+    with pytest.warns(ImageWarning, match=f"holds no object features of detector signature '{trained_sig}'") as record:
+        got = [d._.visual_units for d in reloaded.pipe(docs_of(reloaded), batch_size=2)]
+    assert got == [[]] * len(IMAGE_POSTS) and len(record) == 1
+    # A detector configured unlike the one trained with is refused at load time.
+    with pytest.raises(ValueError, match="trained on object features of detector signature"):
+        spacy.load(tmp_path / "model", config={"components.agban.object_units.detector": {
+            "@misc": "tests.FakeDetector.v1", "tag": "b"}})
+
+
+@registry.misc("tests.FakeDetector.v1")
+def make_fake_detector(tag: str = "a") -> FakeDetector:
+    return FakeDetector(tag=tag)

@@ -2,11 +2,14 @@
 import numpy
 import pytest
 import spacy
+from PIL import Image
+from spacy.tokens import DocBin
 from spacy.training import Example
 
 from conftest import (
     CAPTION_POSTS, TEXT_POSTS, ents, make_doc, make_examples, make_nlp, train,
 )
+from spacy_agban.visual_units import CaptionUnits, CaptionWarning, SkipWarnings
 
 
 def test_overfit_with_caption_units_then_reload(caption_pipeline):
@@ -198,3 +201,75 @@ def test_learn_rate_scale_scales_this_components_updates():
         numpy.testing.assert_allclose(deltas[1][key].numpy(), 3.0 * deltas[0][key].numpy(), rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="learn_rate_scale"):
         make_nlp().get_pipe("agban").__class__(spacy.blank("en").vocab, None, learn_rate_scale=0)
+
+
+BAD_CAPTIONS = {3: 7, 10: 0, 20: 2.5, 30: ["a", "dog"], 40: b"a dog", 50: True}
+
+
+def test_bad_captions_cost_only_their_doc(caption_pipeline):
+    nlp, _ = caption_pipeline
+
+    def docs(with_bad: bool):
+        result = []
+        for i in range(64):
+            text, caption, _ = CAPTION_POSTS[i % 4]
+            bad = BAD_CAPTIONS.get(i) if with_bad else None
+            result.append(make_doc(nlp, f"{text} bad-caption-batch {i}", caption if bad is None else bad))
+        return result
+
+    with pytest.warns(CaptionWarning) as record:
+        piped = list(nlp.pipe(docs(with_bad=True), batch_size=64))
+    assert len(piped) == 64
+    messages = [str(w.message) for w in record]
+    assert len(messages) == len(BAD_CAPTIONS)
+    for i, bad in BAD_CAPTIONS.items():
+        (message,) = [m for m in messages if f"bad-caption-batch {i}'" in m]
+        assert f"not {type(bad).__name__}" in message and "without caption units" in message
+    clean = list(nlp.pipe(docs(with_bad=False), batch_size=64))
+    for i, (doc, reference) in enumerate(zip(piped, clean)):
+        if i in BAD_CAPTIONS:
+            assert doc._.visual_units == []
+        else:  # the rest of the batch is untouched
+            assert doc._.visual_units == reference._.visual_units and ents(doc) == ents(reference)
+
+
+def test_skipped_captions_past_the_limit_are_counted_and_logged(caption_pipeline, caplog, monkeypatch):
+    nlp, _ = caption_pipeline
+    units = CaptionUnits(top_k=3)
+    docs = [make_doc(nlp, f"counted {i}") for i in range(13)]
+    for doc in docs:
+        doc._.image_caption = 1
+    with pytest.warns(CaptionWarning) as record:
+        assert [units(doc) for doc in docs] == [[]] * 13
+    assert len(record) == 11 and "further captions are skipped" in str(record[-1].message)
+    units.report_skipped()
+    assert "3 more captions could not be used" in caplog.text and "(13 in all so far)" in caplog.text
+    # Inside the pipe, the count is logged at the end of each batch.
+    caplog.clear()
+    monkeypatch.setattr(nlp.get_pipe("agban").caption_units, "skipped", SkipWarnings("captions", CaptionWarning, limit=0))
+    for doc in docs:
+        doc._.image_caption = 1.5
+    list(nlp.pipe(docs, batch_size=13))
+    assert "13 more captions could not be used" in caplog.text
+
+
+def test_n_process_takes_path_images_and_explains_in_memory_ones(caption_pipeline, tmp_path):
+    nlp, _ = caption_pipeline
+    image = tmp_path / "post.png"
+    Image.new("RGB", (8, 8)).save(image)
+
+    def docs(ref):
+        result = [make_doc(nlp, text, caption) for text, caption, _ in CAPTION_POSTS]
+        for doc in result:
+            doc._.image = ref
+        return result
+
+    single = list(nlp.pipe(docs(image)))
+    multi = list(nlp.pipe(docs(image), n_process=2, batch_size=2))
+    assert [ents(d) for d in multi] == [ents(d) for d in single]
+    assert [d._.image for d in multi] == [str(image)] * len(CAPTION_POSTS)  # travels as a string
+    docbin = DocBin(docs=docs(image), store_user_data=True)
+    assert {d._.image for d in DocBin().from_bytes(docbin.to_bytes()).get_docs(nlp.vocab)} == {str(image)}
+    # spaCy sends docs to its workers with doc.to_bytes too: the error comes at once.
+    with pytest.raises(TypeError, match="save the image to a file and set doc._.image to its path"):
+        list(nlp.pipe(docs(Image.new("RGB", (8, 8))), n_process=2, batch_size=2))

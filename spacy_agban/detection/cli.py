@@ -68,8 +68,8 @@ def collect_sources(source: Path, image_root: Optional[Path]) -> Tuple[Optional[
             return None, root, f"image folder {root} is missing or empty"
         return refs, root, ""
     root = source
-    if not root.is_dir():
-        return None, root, f"image folder {root} does not exist"
+    if not root.is_dir():  # named on the command line: a typo, not a corpus without images
+        raise typer.BadParameter(f"image folder {root} does not exist")
     refs = list_folder_images(root)
     if not refs:
         return None, root, f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})"
@@ -95,7 +95,11 @@ def detect_command(
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Fetch http(s) image URLs"),
 ) -> Dict[str, Any]:
     """Detect objects once and store their 1024-d features for training and evaluation."""
-    refs, root, why_not = collect_sources(source, image_root)
+    try:
+        refs, root, why_not = collect_sources(source, image_root)
+    except typer.BadParameter as err:
+        typer.echo(f"detect: {err}", err=True)
+        raise typer.Exit(1)
     if refs is None:
         typer.echo(f"detect: {why_not}; nothing to do. The model will use captions/text only.")
         return {"images": 0, "reason": why_not}

@@ -17,18 +17,23 @@ cached feature is the feature a fresh run would give.
 import contextlib
 import hashlib
 import json
+import os
+import pickle
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlparse
 
 import numpy
 import torch
 from PIL import Image
 from spacy.util import registry
 from torchvision.models import detection as tv_detection
+from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms.functional import to_tensor
 
 from ..visual_units import OBJECT_FEATURE_DIM
@@ -73,12 +78,77 @@ def load_local_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds more than tensors and is refused (weights are loaded with "
+            f"weights_only=True, never unpickled): {err}"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # torchvision's reference training scripts save {"model": ...}
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
     return state
+
+
+def load_state_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: Path, model_name: str) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Built untrained, the model has BatchNorm where the COCO checkpoints have
+    # FrozenBatchNorm (no num_batches_tracked); nothing else may differ.
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not fit {model_name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def weights_cache_path(url: str) -> Path:
+    """Where torch.hub keeps the file of a weights URL: <hub dir>/checkpoints/<file name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def name_hash_prefix(file_name: str) -> str:
+    """The sha256 prefix torchvision puts in its file names (``...-bf2d0c1e.pth``)."""
+    match = torch.hub.HASH_REGEX.search(file_name)
+    if match is None or len(match.group(1)) < 8:
+        raise ValueError(f"weights file name {file_name!r} carries no sha256 prefix to check it against")
+    return match.group(1)
+
+
+def fetch_torchvision_weights(url: str, download: bool = True) -> Path:
+    """The hash-checked local file of a torchvision weights URL, downloaded if missing.
+
+    torchvision's own loader checks the hash only when it downloads, then unpickles
+    whatever file sits in the cache: a planted file would run code. Here the cached
+    file is checked against the sha256 prefix in its name every time, and it is
+    loaded with ``weights_only=True`` after that.
+    """
+    path = weights_cache_path(url)
+    prefix = name_hash_prefix(path.name)
+    if not path.is_file():
+        if not download:
+            raise FileNotFoundError(f"detector weights {path} are not in the torch hub cache")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Checks the prefix before moving the finished download into place.
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix)
+        return path
+    digest = file_sha256(path)
+    if not digest.startswith(prefix):
+        raise ValueError(
+            f"refusing detector weights {path}: its sha256 {digest[:16]}... does not start with "
+            f"{prefix!r}, the hash in its name (a corrupt or replaced file; delete it to download it again)"
+        )
+    return path
+
+
+def freeze_batch_norm(module: torch.nn.Module) -> None:
+    """BatchNorm2d → FrozenBatchNorm2d, as torchvision's builders do for pretrained backbones."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
+        else:
+            freeze_batch_norm(child)
 
 
 def _is_local_path(weights: str) -> bool:
@@ -156,15 +226,7 @@ class RCNNDetector:
             if not path.is_file():
                 raise FileNotFoundError(f"detector weights file not found: {path}")
             model = builder(weights=None, weights_backbone=None, num_classes=len(self.categories), **kwargs)
-            state = load_local_state_dict(path)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            # Built untrained, the model has BatchNorm where the COCO checkpoints have
-            # FrozenBatchNorm (no num_batches_tracked); nothing else may differ.
-            missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-            if missing or unexpected:
-                raise ValueError(
-                    f"{path} does not fit {self.model_name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
+            load_state_into(model, load_local_state_dict(path), path, self.model_name)
             return model, f"sha256:{file_sha256(path)}"
         try:
             weights_value = weights_enum.verify(weights)
@@ -173,9 +235,20 @@ class RCNNDetector:
                 f"unknown weights {weights!r} for {self.model_name}: use 'DEFAULT', a name of "
                 f"{weights_enum.__name__}, or a local .pt/.pth/.safetensors file"
             ) from err
-        # Downloads into torchvision's cache where there is internet.
-        model = builder(weights=weights_value, **kwargs)
-        return model, f"torchvision:{weights_value}"
+        return self._pretrained(builder, weights_value, kwargs), f"torchvision:{weights_value}"
+
+    def _pretrained(self, builder: Callable[..., torch.nn.Module], weights_value: Any, kwargs: Dict[str, Any]) -> torch.nn.Module:
+        """torchvision's pretrained model, with the weights loaded here rather than by
+        torchvision (whose loader unpickles the cached file: see fetch_torchvision_weights)."""
+        path = fetch_torchvision_weights(weights_value.url)
+        model = builder(weights=None, weights_backbone=None, num_classes=len(self.categories), **kwargs)
+        # What the builder does when given weights, so the model equals its pretrained one:
+        # frozen BatchNorm in the backbone, and eps 0 for the first Mask R-CNN weights.
+        freeze_batch_norm(model.backbone.body)
+        load_state_into(model, load_local_state_dict(path), path, self.model_name)
+        if weights_value == tv_detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1:
+            overwrite_eps(model, 0.0)
+        return model
 
     # -- identity -----------------------------------------------------------------
 

@@ -155,6 +155,8 @@ class ImageLoader:
     def read(self, ref: ImageRef) -> ImageSource:
         """Resolve a reference and read its bytes (no decoding)."""
         if isinstance(ref, Image.Image):
+            # Refused by its size before its pixels are hashed (a full copy) or decoded.
+            self._check_pixels(describe(ref), ref.size)
             return ImageSource(name=describe(ref), image=ref)
         if isinstance(ref, str) and is_url(ref):
             return ImageSource(name=ref, data=self._fetch(ref))

@@ -5,7 +5,9 @@ image on a CPU, a store hit a file hash and one SQLite lookup. Images are
 batched across the docs of a batch (and deduplicated), and new results are
 written back one detector batch per transaction. A bad image never stops the
 batch: it is named in a warning and its doc gets no object units (it then
-falls back to its caption or its text).
+falls back to its caption or its text). Without a detector, images missing from
+the store are still decoded once, so that a bad one is named rather than
+counted among the merely unstored.
 """
 import warnings
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from spacy.tokens import Doc
 from spacy.util import registry
 
 from ..extensions import install_extensions
-from ..visual_units import OBJECT, VisualUnit
+from ..visual_units import MAX_WARNINGS, OBJECT, SkipWarnings, VisualUnit
 from .detector import RCNNDetector
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -27,13 +29,10 @@ from .images import (
     describe,
     is_url,
 )
-from .store import Detections, FeatureStore
+from .store import Detections, FeatureStore, missing_store_message
 
 #: Images decoded at once per detector batch; bounds memory for large doc batches.
 DECODE_BATCHES = 4
-#: Name at most this many bad images one by one (a corpus whose images were
-#: never downloaded would otherwise print thousands of warnings).
-MAX_WARNINGS = 10
 
 
 @dataclass
@@ -70,6 +69,9 @@ class ObjectUnits:
             raise ValueError("ObjectUnits needs a feature store, a detector, or both")
         if detector is not None and top_k > detector.top_k:
             raise ValueError(f"top_k={top_k} exceeds the detector's top_k={detector.top_k}")
+        if detector is None and isinstance(store, (str, Path)) and not Path(store).is_file():
+            # Read-only: fail at load time rather than create an empty store.
+            raise FileNotFoundError(missing_store_message(Path(store)))
         install_extensions()
         self._store_arg = store
         self._store: Optional[FeatureStore] = store if isinstance(store, FeatureStore) else None
@@ -85,21 +87,45 @@ class ObjectUnits:
         self._signature: Optional[str] = None
         self.record_failures = record_failures
         self.max_warnings = max_warnings
+        self.skipped = SkipWarnings("images", ImageWarning, limit=max_warnings)
         # Counters, for tests and the detect command's summary.
         self.n_detector_images = 0
         self.n_store_hits = 0
-        self.n_warnings = 0
-        self._warned: set = set()
         self._warned_no_detector = False
         self._key_memo: Dict[Any, str] = {}
+        # Without a detector: content keys of unstored images already checked to decode.
+        self._decodable: set = set()
+
+    @property
+    def n_warnings(self) -> int:
+        """Distinct images skipped so far (named in a warning or, past the limit, counted)."""
+        return self.skipped.count
 
     # -- configuration resolved on first use (the store may not exist at build time)
 
     @property
     def store(self) -> Optional[FeatureStore]:
         if self._store is None and self._store_arg is not None:
-            self._store = FeatureStore(self._store_arg)  # type: ignore[arg-type]
+            # Only a source that detects writes to the store, so only it may create one.
+            self._store = FeatureStore(self._store_arg, create=self.detector is not None)  # type: ignore[arg-type]
         return self._store
+
+    def pin_signature(self, signature: str) -> None:
+        """Read only the features of this detector signature: the one the model was
+        trained with (the agban pipe records it and pins it when loaded)."""
+        if self.detector is not None and self.detector.signature_key() != signature:
+            raise ValueError(
+                f"the model was trained on object features of detector signature {signature!r}, "
+                f"but the configured detector has {self.detector.signature_key()!r} "
+                f"({self.detector.signature()}): configure the detector as in training"
+            )
+        if self._signature_arg is not None and self._signature_arg != signature:
+            raise ValueError(
+                f"object units configured with signature {self._signature_arg!r}, but the "
+                f"model was trained on features of signature {signature!r}"
+            )
+        self._signature_arg = signature
+        self._signature = None
 
     @property
     def signature(self) -> str:
@@ -120,10 +146,12 @@ class ObjectUnits:
             if self.store is not None:
                 self.store.register_signature(key, self.detector.signature())
             return key
-        if wanted is not None:
-            return wanted
         assert self.store is not None
         known = self.store.signatures()
+        if wanted is not None:
+            if not self.store.holds(wanted):
+                self._warn_unknown_signature(wanted, known)
+            return wanted
         if len(known) == 1:
             return next(iter(known))
         if not known:  # every lookup misses; __call__ warns once, docs fall back
@@ -137,7 +165,9 @@ class ObjectUnits:
 
     def __call__(self, docs: Sequence[Doc]) -> List[List[VisualUnit]]:
         refs = [doc._.get("image") for doc in docs]
-        return [to_units(outcome.detections) for outcome in self.detections_for(refs)]
+        units = [to_units(outcome.detections) for outcome in self.detections_for(refs)]
+        self.skipped.report()  # a batch ends here
+        return units
 
     def detections_for(self, refs: Sequence[Any]) -> List[Outcome]:
         """One :class:`Outcome` per image reference (None: no image)."""
@@ -165,10 +195,7 @@ class ObjectUnits:
             else:
                 misses.setdefault(key, []).append(i)
         if misses and self.detector is None:
-            self._warn_no_detector(len(misses))
-            for indices in misses.values():
-                for i in indices:
-                    outcomes[i] = Outcome("uncached", None, describe(refs[i]))
+            self._check_unstored(refs, misses, sources, outcomes)
         elif misses:
             self._detect_misses(refs, misses, sources, outcomes)
         if self.record_failures and self.store is not None:
@@ -213,6 +240,33 @@ class ObjectUnits:
             return key, source
         source = self.loader.read(ref)
         return source.content_key(), source
+
+    def _check_unstored(
+        self,
+        refs: Sequence[Any],
+        misses: Dict[str, List[int]],
+        sources: Dict[int, Optional[ImageSource]],
+        outcomes: List[Optional[Outcome]],
+    ) -> None:
+        """Store misses without a detector: decode each once, so that a bad image is
+        named (as it would be with a detector) and only good ones count as unstored."""
+        unstored = 0
+        for key, indices in misses.items():
+            first = indices[0]
+            if key not in self._decodable:
+                try:
+                    self.loader.decode(sources.get(first) or self.loader.read(refs[first]))
+                except ImageLoadError as err:
+                    outcome = self._failed(err)
+                    for i in indices:
+                        outcomes[i] = outcome
+                    continue
+                self._decodable.add(key)
+            unstored += 1
+            for i in indices:
+                outcomes[i] = Outcome("uncached", None, describe(refs[i]))
+        if unstored:
+            self._warn_no_detector(unstored)
 
     def _detect_misses(
         self,
@@ -278,24 +332,25 @@ class ObjectUnits:
         return Outcome(status, None, err.path, err.reason, err.kind)
 
     def _warn(self, name: str, reason: str) -> None:
-        if name in self._warned:
-            return
-        self._warned.add(name)
-        self.n_warnings += 1
-        if self.n_warnings <= self.max_warnings:
-            warnings.warn(
-                f"Skipping image {name!r}: {reason}. Its doc gets no object units "
-                "(it falls back to its caption or its text).",
-                ImageWarning,
-                stacklevel=4,
-            )
-        elif self.n_warnings == self.max_warnings + 1 and self.max_warnings > 0:
-            warnings.warn(
-                f"More than {self.max_warnings} images could not be used; further "
-                "images are skipped without a warning (see ObjectUnits.n_warnings).",
-                ImageWarning,
-                stacklevel=4,
-            )
+        self.skipped.warn(
+            name,
+            f"Skipping image {name!r}: {reason}. Its doc gets no object units "
+            "(it falls back to its caption or its text).",
+            stacklevel=4,
+        )
+
+    def _warn_unknown_signature(self, signature: str, known: Dict[str, Dict[str, object]]) -> None:
+        assert self.store is not None
+        self._warned_no_detector = True  # this says more than the generic store-miss warning
+        warnings.warn(
+            f"The feature store {self.store.path} holds no object features of detector "
+            f"signature {signature!r} (the detector the model was trained with, or the one "
+            f"configured); it holds {len(known)} other signature(s): {sorted(known)}. Every "
+            "doc gets no object units. Fill the store with that detector and settings "
+            "(`python -m spacy_agban detect`), or point the object units at its store.",
+            ImageWarning,
+            stacklevel=5,
+        )
 
     def _warn_no_detector(self, n: int) -> None:
         if not self._warned_no_detector:
@@ -346,7 +401,8 @@ def make_object_units(
     """Object units from a feature store (``store``), a detector, or both.
 
     With a store and no detector, ``signature`` names the detector whose stored
-    features to use (not needed when the store holds only one).
+    features to use (not needed when the store holds only one; a trained pipeline
+    pins the one it was trained with). Without a detector the store must exist.
     """
     return ObjectUnits(
         store=store,

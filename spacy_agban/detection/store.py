@@ -101,27 +101,37 @@ class FeatureStore:
     """Detections on disk. Safe to share between threads and forked processes
     (each thread/process opens its own connection on first use)."""
 
-    def __init__(self, path: Union[str, Path], timeout: float = 60.0):
+    def __init__(self, path: Union[str, Path], timeout: float = 60.0, create: bool = True):
+        """create: make the file (and its folder) if missing, as writers do. Readers
+        pass False: a mistyped or relative path that points elsewhere must fail, not
+        leave an empty store that silently gives every doc 0 object units."""
         self.path = Path(path)
         self.timeout = timeout
+        self.create = create
         self._local = threading.local()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not self.path.is_file():
+            raise FileNotFoundError(missing_store_message(self.path))
         self._setup(self._connection())
 
     def __getstate__(self) -> Dict[str, object]:
         # Connections never travel (pickling for spawned worker processes): reopen there.
-        return {"path": self.path, "timeout": self.timeout}
+        return {"path": self.path, "timeout": self.timeout, "create": self.create}
 
     def __setstate__(self, state: Dict[str, object]) -> None:
         self.path = state["path"]  # type: ignore[assignment]
         self.timeout = state["timeout"]  # type: ignore[assignment]
+        self.create = bool(state.get("create", True))
         self._local = threading.local()
 
     def _connection(self) -> sqlite3.Connection:
         # A connection must not cross a fork or a thread: keep one per (pid, thread).
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
-            conn = sqlite3.connect(str(self.path), timeout=self.timeout, isolation_level=None)
+            # mode=rw never creates the file (sqlite's default, rwc, would).
+            target, uri = (str(self.path), False) if self.create else (self.path.resolve().as_uri() + "?mode=rw", True)
+            conn = sqlite3.connect(target, timeout=self.timeout, isolation_level=None, uri=uri)
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             self._local.conn = conn
             self._local.pid = os.getpid()
@@ -177,6 +187,13 @@ class FeatureStore:
     def signatures(self) -> Dict[str, Dict[str, object]]:
         rows = self._connection().execute("SELECT sig, description FROM signatures").fetchall()
         return {sig: json.loads(desc) for sig, desc in rows}
+
+    def holds(self, sig: str) -> bool:
+        """Whether the store knows this signature (registered, or with any entry)."""
+        conn = self._connection()
+        return sig in self.signatures() or conn.execute(
+            "SELECT 1 FROM detections WHERE sig = ? LIMIT 1", (sig,)
+        ).fetchone() is not None
 
     # -- detections ---------------------------------------------------------------
 
@@ -252,6 +269,14 @@ class FeatureStore:
             (sig,),
         ).fetchall()
         return [Failure(*row) for row in rows]
+
+
+def missing_store_message(path: Path) -> str:
+    return (
+        f"feature store {str(path)!r} not found (looked for {path.resolve()}; a relative path "
+        "resolves against the current folder). Fill it with `python -m spacy_agban detect`, "
+        "or set the store path of the object units."
+    )
 
 
 def _encode_row(det: Detections) -> Tuple[int, int, bytes, str, bytes, bytes]:
