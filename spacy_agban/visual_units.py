@@ -153,7 +153,7 @@ def vector_rows(vocab: Vocab, keys: numpy.ndarray) -> numpy.ndarray:
     """Rows of ``vocab.vectors`` for lowercase keys (-1 where a key has no vector).
 
     Lookup is always by the lowercased form, done here rather than through
-    ``Vectors.attr``, which spaCy 3.8 does not save (PITFALLS.md): the lookup the
+    ``Vectors.attr``, which spaCy 3.8 does not save: the lookup the
     model trains with is then the one it uses after ``spacy.load``.
     """
     if vocab.vectors.shape[0] == 0 or len(keys) == 0:
