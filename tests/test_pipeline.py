@@ -117,7 +117,8 @@ def torch_equal(a, b) -> bool:
 
 
 def test_vector_lookup_is_lowercase_before_and_after_reload(tmp_path):
-    """GloVe 6B is lowercase and spaCy 3.8 does not save Vectors.attr: the lookup the model trained with must be the one it uses after loading."""
+    """GloVe 6B is lowercase and spaCy 3.8 does not save Vectors.attr: the lookup the
+    model trained with must be the one it uses after loading."""
     from spacy_agban.featurize import static_vectors
 
     nlp = make_nlp(fusion="none", adversarial=False, caption_top_k=None)
