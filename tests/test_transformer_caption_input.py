@@ -31,7 +31,7 @@ CAPTION = "the eiffel tower at night"
 # (text, caption, entities): entities the text alone decides, so a model trained with
 # caption dropout tags them with and without the caption
 POSTS: List[Tuple[str, Optional[str], List[Tuple[int, int, str]]]] = [
-    ("Kolo with @JohnDoe in #NewYork 😀", "a man at the camera", [(0, 4, "PER"), (22, 30, "LOC")]),
+    ("Kolo with @JohnDoe 😀", "a man at the camera", [(0, 4, "PER")]),
     ("", "a dog on the grass", []),
     ("I love Paris 👍🏽", CAPTION, [(7, 12, "LOC")]),
     ("Visiting Apple today", None, [(9, 14, "ORG")]),
@@ -92,9 +92,9 @@ def trained() -> Language:
     egs = examples(nlp)
     nlp.initialize(lambda: egs)
     # the config's warm-up starts at 0: no change in a few steps. 5e-4 (the head at
-    # learn_rate_scale = 20 times that) fits POSTS in about 35 steps; 1e-3 diverges.
+    # learn_rate_scale = 20 times that) fits POSTS in about 20 steps; 1e-3 diverges.
     optimizer = Adam(5e-4)
-    for _ in range(40):
+    for _ in range(30):
         nlp.update(egs, sgd=optimizer)
     return nlp
 
