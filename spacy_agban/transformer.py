@@ -1,4 +1,4 @@
-"""spacy-transformers as agban's token encoder (issue 5).
+"""spacy-transformers as agban's token encoder.
 
 The ``transformer`` component runs on the whole batch, empty docs included; the
 ``agban`` pipe passes only the non-empty docs to its model (the CRF needs a token).

@@ -1,4 +1,4 @@
-"""The agban model with a spacy-transformers text encoder (offline MiniLM, issue 5)."""
+"""The agban model with a spacy-transformers text encoder (offline MiniLM)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
