@@ -51,6 +51,8 @@ TAG = "tag"
 #: Image failures are ``image_<ImageLoadError.kind>``: image_missing, image_corrupt, ...
 IMAGE_PREFIX = "image_"
 
+#: A longer caption is refused (alt text is at most a few thousand characters).
+MAX_CAPTION_CHARS = 10_000
 #: URI schemes read through pyarrow's filesystems (object stores, HDFS).
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "az")
 #: Where spaCy keeps the object units handed to the pipe for one doc.
@@ -155,6 +157,10 @@ def parse_records(records: Sequence[Any], wheres: Sequence[str], columns: PostCo
         elif not isinstance(caption, str):
             errors.append(error(BAD_CAPTION, f"{columns.caption!r} must be a string, not "
                                              f"{type(caption).__name__}; tagged without it"))
+            caption = None
+        elif len(caption) > MAX_CAPTION_CHARS:
+            errors.append(error(BAD_CAPTION, f"the caption has {len(caption)} characters, over "
+                                             f"{MAX_CAPTION_CHARS}; tagged without it"))
             caption = None
         batch["id"].append(post_id)
         batch["text"].append(text)

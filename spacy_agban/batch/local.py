@@ -43,6 +43,8 @@ def run_local(
     device = f"cuda:{gpu_id}" if gpu_id >= 0 else None
     nlp = load_tagger(model, unit_overrides(block, image_root, allow_remote, device), gpu_id=gpu_id)
     units = _object_units(nlp)
+    if units is not None:
+        units.max_warnings = 0  # a bad image is an error row, not a warning
     total = count_posts(files, fmt)
     counts: Counter = Counter()
     start = time.perf_counter()
