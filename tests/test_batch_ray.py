@@ -16,7 +16,7 @@ from batch_support import build_objects_pipeline, posts  # noqa: E402
 from spacy_agban.batch import core  # noqa: E402
 from spacy_agban.batch.local import run_local  # noqa: E402
 from spacy_agban.batch.posts import read_output  # noqa: E402
-from spacy_agban.batch.ray_engine import CRASH_ONCE_ENV, RayOptions, run_ray  # noqa: E402
+from spacy_agban.batch.ray_engine import CRASH_ONCE_ENV, RayOptions, run_ray, small_machine_settings  # noqa: E402
 
 BAD_IMAGES = {"p3": "missing.jpg", "p9": "broken.jpg", "p14": "../outside.jpg"}
 BAD_CAPTIONS = {"p5": "x" * (core.MAX_CAPTION_CHARS + 1), "p11": "y" * (core.MAX_CAPTION_CHARS + 5)}
@@ -27,8 +27,9 @@ ADDRESS = re.compile(r" at 0x[0-9a-f]+")  # PIL names the in-memory file it coul
 @pytest.fixture(scope="module")
 def cluster():
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    with small_machine_settings():  # workers at normal priority: the CPUs are shared
+        ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -75,13 +75,37 @@ def cluster(options: RayOptions, detect: bool = True) -> Iterator[Any]:
             import math
 
             cpus = options.num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus(options, detect)))
-            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+            with small_machine_settings():
+                ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
         started = True
     try:
         yield ray
     finally:
         if started:
             ray.shutdown()
+
+
+#: Read by a local cluster's raylet when it starts. Ray runs workers at nice 15
+#: and gives a starting worker 60 s to register: on a small machine busy with
+#: other work, such workers starve, time out, are started again and time out
+#: again, and the job waits forever. Normal priority and a longer wait fix it.
+SMALL_MACHINE_ENV = {"RAY_worker_niceness": "0", "RAY_worker_register_timeout_seconds": "600"}
+
+
+@contextmanager
+def small_machine_settings() -> Iterator[None]:
+    """Set :data:`SMALL_MACHINE_ENV` (unless already set) while a local cluster starts."""
+    saved = {k: os.environ.get(k) for k in SMALL_MACHINE_ENV}
+    for key, value in SMALL_MACHINE_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def check_resources(ray: Any, options: RayOptions, num_gpus: float, detect: bool) -> None:
