@@ -11,7 +11,7 @@ from conftest import CAPTION_POSTS, make_examples, make_nlp, train
 
 IMAGES = Path(__file__).resolve().parents[1] / "assets" / "twitter2015" / "images"
 DETECTOR = {"@misc": "spacy_agban.FasterRCNNMobileNetDetector.v1", "top_k": 3, "score_threshold": 0.0,
-            "min_size": 128, "max_size": 160, "device": "cpu", "proposals": 50, "batch_size": 4}
+            "min_size": 128, "max_size": 160, "device": "cpu", "batch_size": 4}  # proposals: the CLI default
 
 
 def save_random_detector(path: Path) -> Path:
