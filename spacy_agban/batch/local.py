@@ -47,6 +47,7 @@ def run_local(
         units.max_warnings = 0  # a bad image is an error row, not a warning
     total = count_posts(files, fmt)
     counts: Counter = Counter()
+    stage_seconds: Counter = Counter()
     start = time.perf_counter()
     bar = _bar(total, done * part_size, progress)
     index = done
@@ -55,8 +56,15 @@ def run_local(
             outputs = []
             for batch in slices(part, batch_size):
                 if units is not None:
-                    batch = core.detect(core.load_images(batch, units.loader), units)
+                    clock = time.perf_counter()
+                    batch = core.load_images(batch, units.loader)
+                    stage_seconds["load"] += time.perf_counter() - clock
+                    clock = time.perf_counter()
+                    batch = core.detect(batch, units)
+                    stage_seconds["detect"] += time.perf_counter() - clock
+                clock = time.perf_counter()
                 out = core.tag(batch, nlp, batch_size=batch_size)
+                stage_seconds["tag"] += time.perf_counter() - clock
                 core.count_rows(out, counts)
                 outputs.append(out)
                 bar.update(len(out["id"]))
@@ -70,7 +78,7 @@ def run_local(
     seconds = time.perf_counter() - start
     return {"engine": "local", "posts": counts["posts"], "parts_skipped": done, "parts": index,
             "seconds": seconds, "posts_per_second": counts["posts"] / seconds if seconds > 0 else 0.0,
-            "counts": dict(counts), "summary": core.format_summary(counts, seconds, "local")}
+            "counts": dict(counts), "stage_seconds": dict(stage_seconds), "summary": core.format_summary(counts, seconds, "local")}
 
 
 def _object_units(nlp: Any) -> Any:

@@ -33,6 +33,8 @@ from .posts import InputError, JSONL_SUFFIXES, PARQUET_SUFFIXES
 
 #: Test hook: a path; the first tag actor call that can create it exits the process.
 CRASH_ONCE_ENV = "SPACY_AGBAN_BATCH_CRASH_ONCE"
+#: Benchmark hook: a folder; every stage call appends its rows and seconds there.
+TIMINGS_ENV = "SPACY_AGBAN_BATCH_TIMINGS"
 JSONL_EXTENSIONS = [s.lstrip(".") for s in JSONL_SUFFIXES]
 PARQUET_EXTENSIONS = [s.lstrip(".") for s in PARQUET_SUFFIXES]
 
@@ -134,6 +136,15 @@ def _crash_once_for_tests() -> None:
     os._exit(1)
 
 
+def record_timing(stage: str, rows: int, seconds: float, images: int = 0) -> None:
+    folder = os.environ.get(TIMINGS_ENV)
+    if not folder:
+        return
+    line = json.dumps({"stage": stage, "rows": rows, "images": images, "seconds": seconds, "pid": os.getpid()})
+    with open(os.path.join(folder, f"{stage}-{os.getpid()}.jsonl"), "a") as handle:
+        handle.write(line + "\n")
+
+
 # -- stage functions (module level: Ray pickles them by reference) --------------------------
 
 
@@ -157,7 +168,10 @@ def parse_parquet_batch(table: Any, columns: Dict[str, Optional[str]]) -> Any:
 def load_images_batch(table: Any, loader: Dict[str, Any]) -> Any:
     from ..detection.images import ImageLoader
 
+    start = time.perf_counter()
     batch = core.load_images(table.to_pydict(), ImageLoader(**loader))
+    record_timing("load", table.num_rows, time.perf_counter() - start,
+                  sum(k is not None for k in batch["image_key"]))
     return core.to_table(batch, core.stage_schema(core.POST_COLUMNS + ("image_key", "image_bytes")))
 
 
@@ -171,16 +185,21 @@ class DetectActor:
     """Loads the pipeline's detector once; detects the images of each batch."""
 
     def __init__(self, model: str, changes: Dict[str, Any], use_gpu: bool):
+        start = time.perf_counter()
         changes = {**changes, "detector.device": _device(use_gpu)}
         self.units = load_object_units(model, changes, keep_store=False)
         self.units.max_warnings = 0  # failures are rows, not warnings
+        record_timing("detect_init", 0, time.perf_counter() - start)
 
     def __call__(self, table: Any) -> Any:
+        start = time.perf_counter()
         batch = table.to_pydict()
         try:
             out = core.detect(batch, self.units)
         except Exception as err:  # the whole batch failed: each post keeps its text
             out = _failed_detection(batch, err)
+        record_timing("detect", table.num_rows, time.perf_counter() - start,
+                      sum(s == "detected" for s in out["image_status"]))
         return core.to_table(out, core.stage_schema(core.POST_COLUMNS + ("image_key",) + core.OBJECT_COLUMNS))
 
 
@@ -199,16 +218,21 @@ class TagActor:
     """Loads the pipeline once (its object units come from columns); tags each batch."""
 
     def __init__(self, model: str, batch_size: int):
+        start = time.perf_counter()
         self.nlp = load_tagger(model, objects_from_columns=True)
         self.batch_size = batch_size
+        record_timing("tag_init", 0, time.perf_counter() - start)
 
     def __call__(self, table: Any) -> Any:
         _crash_once_for_tests()
+        start = time.perf_counter()
         batch = table.to_pydict()
         n = len(batch["id"])
         batch.setdefault("image_key", [None] * n)
         batch.setdefault("image_status", ["none"] * n)
-        return core.to_table(core.tag(batch, self.nlp, batch_size=self.batch_size), core.output_schema())
+        out = core.to_table(core.tag(batch, self.nlp, batch_size=self.batch_size), core.output_schema())
+        record_timing("tag", n, time.perf_counter() - start)
+        return out
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -273,9 +297,10 @@ def _resolve_gpus(ray: Any, num_gpus: Optional[float]) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def _crash_env() -> Dict[str, Any]:
-    marker = os.environ.get(CRASH_ONCE_ENV)
-    return {"runtime_env": {"env_vars": {CRASH_ONCE_ENV: marker}}} if marker else {}
+def _worker_env() -> Dict[str, Any]:
+    """The test and benchmark hooks set in this process, passed on to the workers."""
+    env = {k: os.environ[k] for k in (CRASH_ONCE_ENV, TIMINGS_ENV) if os.environ.get(k)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 # -- tag ----------------------------------------------------------------------------------
@@ -303,16 +328,16 @@ def run_ray(model: str, inputs: Sequence[str], output: str, columns: core.PostCo
         if objects:
             ds = ds.map_batches(load_images_batch, fn_kwargs={"loader": _loader_kwargs(model, changes)},
                                 batch_format="pyarrow", batch_size=options.detect_batch_size,
-                                num_cpus=options.io_cpus)
+                                num_cpus=options.io_cpus, **_worker_env())
             ds = ds.map_batches(DetectActor, fn_constructor_kwargs={"model": model, "changes": changes,
                                                                     "use_gpu": num_gpus > 0},
                                 compute=ActorPoolStrategy(size=options.detect_actors),
                                 batch_format="pyarrow", batch_size=options.detect_batch_size,
-                                num_cpus=options.detect_cpus, num_gpus=num_gpus)
+                                num_cpus=options.detect_cpus, num_gpus=num_gpus, **_worker_env())
         ds = ds.map_batches(TagActor, fn_constructor_kwargs={"model": model, "batch_size": options.batch_size},
                             compute=ActorPoolStrategy(size=options.tag_actors), batch_format="pyarrow",
                             batch_size=options.batch_size, num_cpus=options.tag_cpus, num_gpus=0,
-                            **_crash_env())
+                            **_worker_env())
         ds.write_parquet(out_path)
         seconds = time.perf_counter() - start
     counts = summarize_output(out_path)
