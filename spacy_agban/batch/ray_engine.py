@@ -242,6 +242,14 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+def as_uri(path: Any) -> str:
+    """A path argument as given: ``Path("s3://b/k")`` reads ``s3:/b/k``; put the slash back."""
+    import re
+
+    text = str(path)
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)", r"\1://", text) if not Path(text).exists() else text
+
+
 def input_format(paths: Sequence[str], fmt: str = "auto") -> str:
     if fmt in ("jsonl", "parquet"):
         return fmt

@@ -105,11 +105,11 @@ def detect_command(
         return {"images": 0, "reason": why_not}
     refs = refs[:limit] if limit is not None else refs
     if engine == "ray":
-        from ..batch.ray_engine import RayOptions, run_ray_detect
+        from ..batch.ray_engine import RayOptions, as_uri, run_ray_detect
 
         args = dict(detector=detector, weights=weights, min_size=min_size, max_size=max_size, top_k=top_k,
                     batch_size=batch_size, score_threshold=score_threshold)
-        summary = run_ray_detect(refs, str(root) if root else None, str(store), args, allow_remote,
+        summary = run_ray_detect(refs, str(root) if root else None, as_uri(store), args, allow_remote,
                                  RayOptions(address=address, num_gpus=num_gpus, detect_actors=actors,
                                             detect_batch_size=max(batch_size, 16)))
         typer.echo(f"detect (ray): {summary['images']} images: {summary['detected']} detected, "
