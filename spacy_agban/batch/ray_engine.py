@@ -60,7 +60,7 @@ def needed_cpus(options: RayOptions, detect: bool = True) -> float:
     actors = options.tag_actors * options.tag_cpus
     if detect:
         actors += options.detect_actors * options.detect_cpus
-    return actors + options.io_cpus  # plus room for the read/parse/load tasks
+    return actors + max(1.0, options.io_cpus)  # plus room for the read/parse/load/write tasks
 
 
 @contextmanager
@@ -116,7 +116,7 @@ def check_resources(ray: Any, options: RayOptions, num_gpus: float, detect: bool
     if have.get("CPU", 0) < cpus:
         raise InputError(
             f"the stages ask for {cpus:g} CPUs (detect {options.detect_actors} x {options.detect_cpus:g}, "
-            f"tag {options.tag_actors} x {options.tag_cpus:g}, I/O {options.io_cpus:g}) but the cluster "
+            f"tag {options.tag_actors} x {options.tag_cpus:g}, I/O tasks 1) but the cluster "
             f"has {have.get('CPU', 0):g}: use fewer actors or smaller --*-cpus")
     gpus = num_gpus * options.detect_actors if detect else 0
     if gpus > have.get("GPU", 0):
@@ -151,6 +151,8 @@ def record_timing(stage: str, rows: int, seconds: float, images: int = 0) -> Non
 def parse_jsonl_batch(table: Any, columns: Dict[str, Optional[str]]) -> Any:
     lines = table["text"].to_pylist()
     paths = table["path"].to_pylist() if "path" in table.column_names else [""] * len(lines)
+    kept = [i for i, line in enumerate(lines) if line.strip()]  # blank lines are no posts (as locally)
+    lines, paths = [lines[i] for i in kept], [paths[i] for i in kept]
     wheres = [f"{Path(p).name}:{core.short_hash(line)}" for p, line in zip(paths, lines)]
     batch = core.parse_lines(lines, wheres, core.PostColumns(**columns))
     return core.to_table(batch, core.stage_schema(core.POST_COLUMNS))
@@ -346,7 +348,7 @@ def run_ray(model: str, inputs: Sequence[str], output: str, columns: core.PostCo
                             compute=ActorPoolStrategy(size=options.tag_actors), batch_format="pyarrow",
                             batch_size=options.batch_size, num_cpus=options.tag_cpus, num_gpus=0,
                             **_worker_env())
-        ds.write_parquet(out_path)
+        ds.write_parquet(out_path, ray_remote_args={"num_cpus": options.io_cpus})
         seconds = time.perf_counter() - start
     counts = summarize_output(out_path)
     return {"engine": "ray", "posts": counts["posts"], "seconds": seconds,
