@@ -233,8 +233,9 @@ def write_markdown(report: Dict[str, Any], path: Path) -> None:
             if not r:
                 continue
             init = run["rates"].get(f"{stage}_init", {}).get("seconds_per_actor", "")
+            images = r["images_per_s_per_process"] if stage != "tag" else "-"
             lines.append(f"| {run['engine']} | {run['actors_per_stage']} | {stage} | {r['processes']} | "
-                         f"{r['posts_per_s_per_process']} | {r['images_per_s_per_process']} | "
+                         f"{r['posts_per_s_per_process']} | {images} | "
                          f"{r['stage_posts_per_s']} | {init} |")
     lines += [
         "",

@@ -165,3 +165,25 @@ def test_tag_command_line(objects_model, tmp_path) -> None:
     assert ids(read_output(tmp_path / "out")) == ["p0", "p1", "p2"]
     bad = CliRunner().invoke(app, ["tag", str(model), str(tmp_path / "nothing.jsonl"), str(tmp_path / "o2")])
     assert bad.exit_code == 1 and "does not exist" in bad.output
+
+
+def test_stages_that_cannot_be_scheduled_fail_with_a_message() -> None:
+    from spacy_agban.batch.ray_engine import RayOptions, as_uri, check_resources, needed_cpus
+
+    class Cluster:
+        def __init__(self, **resources):
+            self.resources = resources
+
+        def cluster_resources(self):
+            return self.resources
+
+    options = RayOptions(detect_actors=2, tag_actors=2)
+    assert needed_cpus(options) == 5
+    check_resources(Cluster(CPU=5, GPU=1), options, 0.5, detect=True)
+    with pytest.raises(InputError, match="ask for 5 CPUs"):
+        check_resources(Cluster(CPU=4, GPU=1), options, 0.5, detect=True)
+    with pytest.raises(InputError, match="2 GPUs"):
+        check_resources(Cluster(CPU=8), options, 1.0, detect=True)
+    check_resources(Cluster(CPU=3), options, 1.0, detect=False)  # no detection: no GPU asked
+    assert as_uri(Path("s3://bucket/features")) == "s3://bucket/features"
+    assert as_uri(Path("relative/features")) == "relative/features"
