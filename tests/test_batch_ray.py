@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
-from batch_support import build_objects_pipeline, posts  # noqa: E402
+from batch_support import IMAGES, build_objects_pipeline, posts  # noqa: E402
 from spacy_agban.batch import core  # noqa: E402
 from spacy_agban.batch.local import run_local  # noqa: E402
 from spacy_agban.batch.posts import read_output  # noqa: E402
@@ -129,31 +129,36 @@ def test_ray_job_survives_a_killed_actor(job) -> None:
 
 @pytest.mark.timeout(TIMEOUT)
 def test_detect_with_ray_fills_the_features_dataset_and_skips_known_images(job, tmp_path) -> None:
-    from spacy_agban.batch.features import FeatureDataset, import_dataset
+    from spacy_agban.batch.features import FeatureDataset, export_store, import_dataset
     from spacy_agban.detection.cli import detect_command
     from spacy_agban.detection.store import FeatureStore
 
     images = job["root"] / "images"
+    shutil.copy(IMAGES / "149.jpg", images / "149.jpg")  # not in the pipeline's store
+    shutil.copy(images / "102.jpg", images / "copy-of-102.jpg")  # the same bytes as one that is
+    store = FeatureStore(job["root"] / "objects.sqlite")
+    (sig,) = store.signatures()
+    features = tmp_path / "features"
+    assert export_store(str(job["root"] / "objects.sqlite"), str(features)) == {sig: 4}
     args = dict(image_root=None, detector="mobilenet", weights=str(job["root"] / "detector.safetensors"),
                 min_size=128, max_size=160, top_k=3, batch_size=4, score_threshold=0.0, device="cpu",
                 limit=None, allow_remote=False, engine="ray", num_gpus=0.5, actors=1)
-    features = tmp_path / "features"
-    first = detect_command(images, features, **args)
-    assert (first["detected"], first["cached"], first["failed"]) == (4, 0, 1)  # broken.jpg fails
+    summary = detect_command(images, features, **args)
+    # the pipeline's detector and the command's have one signature: the 4 stored images
+    # (and the copy) are skipped, 149.jpg is detected, broken.jpg fails
+    assert (summary["images"], summary["detected"], summary["cached"], summary["failed"]) == (7, 1, 5, 1)
     dataset = FeatureDataset(str(features))
-    (sig,) = dataset.signatures()
-    assert dataset.count(sig) == 4
-    # the same features as the pipeline's own store holds (same detector weights)
-    store = FeatureStore(job["root"] / "objects.sqlite")
-    assert sig in store.signatures()
+    assert set(dataset.signatures()) == {sig} and dataset.count(sig) == 5
     imported = tmp_path / "imported.sqlite"
-    assert import_dataset(str(features), str(imported)) == {sig: 4}
-    theirs = FeatureStore(imported).get_many(list(dataset.keys(sig)), sig)
+    assert import_dataset(str(features), str(imported)) == {sig: 5}
     ours = store.get_many(list(dataset.keys(sig)), sig)
-    assert theirs.keys() == ours.keys()
+    theirs = FeatureStore(imported).get_many(list(dataset.keys(sig)), sig)
+    assert len(theirs) == 5 and len(ours) == 4
     for key in ours:
         assert theirs[key].labels == ours[key].labels
-    shutil.copy(images / "102.jpg", images / "copy-of-102.jpg")  # same bytes: no new detection
-    second = detect_command(images, features, **args)
-    assert (second["detected"], second["cached"]) == (0, 5)
-    assert dataset.count(sig) == 4
+    # training here can now use the cluster's features: the pipeline finds 149.jpg stored
+    from spacy_agban.detection.object_units import ObjectUnits
+
+    reader = ObjectUnits(store=imported, image_root=images, signature=sig)
+    (outcome,) = reader.detections_for(["149.jpg"])
+    assert outcome.status == "cached" and len(outcome.detections) == 3

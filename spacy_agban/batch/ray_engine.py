@@ -307,9 +307,10 @@ def _resolve_gpus(ray: Any, num_gpus: Optional[float]) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def _worker_env() -> Dict[str, Any]:
-    """The test and benchmark hooks set in this process, passed on to the workers."""
-    env = {k: os.environ[k] for k in (CRASH_ONCE_ENV, TIMINGS_ENV) if os.environ.get(k)}
+def _worker_env(*names: str) -> Dict[str, Any]:
+    """The test and benchmark hooks set in this process, passed on to a stage's workers
+    (only where set: a runtime env of its own makes Ray start separate workers)."""
+    env = {k: os.environ[k] for k in names if os.environ.get(k)}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
@@ -338,16 +339,16 @@ def run_ray(model: str, inputs: Sequence[str], output: str, columns: core.PostCo
         if objects:
             ds = ds.map_batches(load_images_batch, fn_kwargs={"loader": _loader_kwargs(model, changes)},
                                 batch_format="pyarrow", batch_size=options.detect_batch_size,
-                                num_cpus=options.io_cpus, **_worker_env())
+                                num_cpus=options.io_cpus, **_worker_env(TIMINGS_ENV))
             ds = ds.map_batches(DetectActor, fn_constructor_kwargs={"model": model, "changes": changes,
                                                                     "use_gpu": num_gpus > 0},
                                 compute=ActorPoolStrategy(size=options.detect_actors),
                                 batch_format="pyarrow", batch_size=options.detect_batch_size,
-                                num_cpus=options.detect_cpus, num_gpus=num_gpus, **_worker_env())
+                                num_cpus=options.detect_cpus, num_gpus=num_gpus, **_worker_env(TIMINGS_ENV))
         ds = ds.map_batches(TagActor, fn_constructor_kwargs={"model": model, "batch_size": options.batch_size},
                             compute=ActorPoolStrategy(size=options.tag_actors), batch_format="pyarrow",
                             batch_size=options.batch_size, num_cpus=options.tag_cpus, num_gpus=0,
-                            **_worker_env())
+                            **_worker_env(CRASH_ONCE_ENV, TIMINGS_ENV))
         ds.write_parquet(out_path, ray_remote_args={"num_cpus": options.io_cpus})
         seconds = time.perf_counter() - start
     counts = summarize_output(out_path)
