@@ -269,7 +269,7 @@ def input_format(paths: Sequence[str], fmt: str = "auto") -> str:
 
 
 def read_posts(ray: Any, paths: Sequence[str], columns: core.PostColumns, options: RayOptions,
-               fmt: str = "auto") -> Any:
+               fmt: str = "auto", block_rows: int = 64) -> Any:
     """A dataset of parsed posts (``core.POST_COLUMNS``) from local paths or URIs."""
     fmt = input_format(paths, fmt)
     paths = [p if _is_uri(p) else str(Path(p).resolve()) for p in paths]
@@ -288,8 +288,10 @@ def read_posts(ray: Any, paths: Sequence[str], columns: core.PostColumns, option
                                    columns.image if columns.image in names else None,
                                    columns.caption if columns.caption in names else None)
         fn = parse_parquet_batch
+    # The parsed blocks are what the next stages hand out: blocks of a detect batch
+    # each, so that every detect actor gets work (one block goes to one actor).
     return ds.map_batches(fn, fn_kwargs={"columns": asdict(columns)}, batch_format="pyarrow",
-                          batch_size=options.batch_size * 4, num_cpus=options.io_cpus)
+                          batch_size=block_rows, num_cpus=options.io_cpus)
 
 
 def _loader_kwargs(model: str, changes: Dict[str, Any]) -> Dict[str, Any]:
@@ -335,7 +337,8 @@ def run_ray(model: str, inputs: Sequence[str], output: str, columns: core.PostCo
         num_gpus = _resolve_gpus(ray, options.num_gpus) if objects else 0.0
         check_resources(ray, options, num_gpus, detect=objects)
         start = time.perf_counter()
-        ds = read_posts(ray, inputs, columns, options, input_format_name)
+        block_rows = options.detect_batch_size if objects else options.batch_size
+        ds = read_posts(ray, inputs, columns, options, input_format_name, block_rows)
         if objects:
             ds = ds.map_batches(load_images_batch, fn_kwargs={"loader": _loader_kwargs(model, changes)},
                                 batch_format="pyarrow", batch_size=options.detect_batch_size,
