@@ -97,6 +97,7 @@ def describe_error(err: Exception) -> str:
 
 def _register_tool_commands() -> None:
     """Commands whose heavy imports (torch, torchvision, matplotlib) wait until they run."""
+    from .batch.cli import features_app, tag_command
     from .detection.cli import detect_command
     from .explain import explain_command
     from .plots import plot_modalities_command, plot_training_command
@@ -105,6 +106,8 @@ def _register_tool_commands() -> None:
     app.command("explain")(explain_command)
     app.command("plot-training")(plot_training_command)
     app.command("plot-modalities")(plot_modalities_command)
+    app.command("tag")(tag_command)
+    app.add_typer(features_app, name="features")
 
 
 _register_tool_commands()

@@ -8,7 +8,7 @@ never fails the workflow for lack of images: the model then uses captions/text.
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Annotated, Any, Dict, List, Optional, Tuple
 
 import typer
 
@@ -93,6 +93,10 @@ def detect_command(
     device: str = typer.Option("auto", "--device", help="auto (CUDA if available), cpu, cuda, cuda:1"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Process at most this many images"),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Fetch http(s) image URLs"),
+    engine: Annotated[str, typer.Option("--engine", help="local (STORE: SQLite) or ray (STORE: a Parquet features dataset)")] = "local",
+    num_gpus: Annotated[Optional[float], typer.Option("--num-gpus", help="ray: GPUs per detect actor (default: 1 if the cluster has one)")] = None,
+    actors: Annotated[int, typer.Option("--actors", help="ray: detect actors")] = 1,
+    address: Annotated[Optional[str], typer.Option("--address", help="ray: join this cluster (default: a local one)")] = None,
 ) -> Dict[str, Any]:
     """Detect objects once and store their 1024-d features for training and evaluation."""
     try:
@@ -104,6 +108,18 @@ def detect_command(
         typer.echo(f"detect: {why_not}; nothing to do. The model will use captions/text only.")
         return {"images": 0, "reason": why_not}
     refs = refs[:limit] if limit is not None else refs
+    if engine == "ray":
+        from ..batch.ray_engine import RayOptions, as_uri, run_ray_detect
+
+        args = dict(detector=detector, weights=weights, min_size=min_size, max_size=max_size, top_k=top_k,
+                    batch_size=batch_size, score_threshold=score_threshold)
+        summary = run_ray_detect(refs, str(root) if root else None, as_uri(store), args, allow_remote,
+                                 RayOptions(address=address, num_gpus=num_gpus, detect_actors=actors,
+                                            detect_batch_size=max(batch_size, 16)))
+        typer.echo(f"detect (ray): {summary['images']} images: {summary['detected']} detected, "
+                   f"{summary['cached']} already in {store}, {summary['failed']} failed; "
+                   f"{summary['images_per_second']:.2f} images/s, {summary['seconds']:.1f} s in all.")
+        return summary
     from .object_units import ObjectUnits
 
     try:

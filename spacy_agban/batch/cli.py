@@ -1,0 +1,103 @@
+"""``python -m spacy_agban tag`` and ``python -m spacy_agban features export|import``."""
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .core import PostColumns
+from .posts import InputError
+
+ENGINES = ("local", "ray")
+
+
+def tag_command(
+    model: Path = typer.Argument(..., help="A trained pipeline folder (with an agban component)"),
+    input_path: str = typer.Argument(..., metavar="INPUT",
+                                     help="Posts: a .jsonl or .parquet file or a folder of them (ray: also s3://, gs://, ...)"),
+    output: str = typer.Argument(..., help="Output folder of Parquet (or JSONL) parts"),
+    engine: str = typer.Option("local", "--engine", help="local (one process) or ray (Ray Data)"),
+    id_key: str = typer.Option("id", "--id-key", help="Field/column of the post id"),
+    text_key: str = typer.Option("text", "--text-key", help="Field/column of the post text"),
+    image_key: str = typer.Option("image", "--image-key", help="Field/column of the image path or URI"),
+    caption_key: str = typer.Option("caption", "--caption-key", help="Field/column of the caption (alt text)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Posts per nlp.pipe batch"),
+    image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder relative image paths resolve against (default: the pipeline's)"),
+    allow_remote: Optional[bool] = typer.Option(None, "--allow-remote/--no-remote", help="Fetch http(s) and object-store images (default: the pipeline's setting)"),
+    part_size: int = typer.Option(10000, "--part-size", help="local: posts per output part (the resume unit)"),
+    output_format: str = typer.Option("parquet", "--output-format", help="local: parquet or jsonl"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="local: go on after the parts already written"),
+    gpu_id: int = typer.Option(-1, "--gpu-id", help="local: run the detector (and spaCy, where cupy is installed) on this GPU"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (default: start a local one on 127.0.0.1)"),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="ray: CPUs of the local cluster (default: enough for the stages)"),
+    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="ray: GPUs per detect actor, fractions allowed (default: 1 if the cluster has a GPU, else 0)"),
+    detect_actors: int = typer.Option(1, "--detect-actors", help="ray: detector actors"),
+    tag_actors: int = typer.Option(1, "--tag-actors", help="ray: tagging actors (CPU)"),
+    detect_cpus: float = typer.Option(1.0, "--detect-cpus", help="ray: CPUs per detect actor"),
+    tag_cpus: float = typer.Option(1.0, "--tag-cpus", help="ray: CPUs per tag actor"),
+    detect_batch_size: int = typer.Option(16, "--detect-batch-size", help="ray: images per detect batch"),
+    input_format: str = typer.Option("auto", "--input-format", help="ray: auto, jsonl or parquet"),
+) -> dict:
+    """Tag posts in bulk: entities, visual units used and errors, one row per post."""
+    columns = PostColumns(id=id_key, text=text_key, image=image_key or None, caption=caption_key or None)
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"--engine must be one of {ENGINES}, not {engine!r}")
+    if not (model / "config.cfg").is_file():
+        raise typer.BadParameter(f"{model} is not a saved pipeline (no config.cfg)")
+    try:
+        if engine == "local":
+            from .local import run_local
+
+            result = run_local(str(model), Path(input_path), Path(output), columns, part_size=part_size,
+                               batch_size=batch_size, output_format=output_format, gpu_id=gpu_id,
+                               image_root=image_root, allow_remote=allow_remote, resume=resume)
+        else:
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                typer.echo("tag --engine ray needs Ray: pip install 'spacy-agban[ray]'", err=True)
+                raise typer.Exit(1)
+            from .ray_engine import RayOptions, run_ray
+
+            options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus,
+                                 detect_actors=detect_actors, tag_actors=tag_actors, detect_cpus=detect_cpus,
+                                 tag_cpus=tag_cpus, batch_size=batch_size, detect_batch_size=detect_batch_size)
+            result = run_ray(str(model), [input_path], output, columns, options, image_root=image_root,
+                             allow_remote=allow_remote, input_format_name=input_format)
+    except InputError as err:
+        typer.echo(f"tag: {err}", err=True)
+        raise typer.Exit(1)
+    typer.echo(result["summary"])
+    return result
+
+
+features_app = typer.Typer(help="Move detections between the SQLite store and a Parquet features dataset",
+                           no_args_is_help=True)
+
+
+@features_app.command("export")
+def export_command(
+    store: Path = typer.Argument(..., help="The SQLite feature store"),
+    dataset: str = typer.Argument(..., help="The Parquet features dataset (folder or URI)"),
+    signature: Optional[str] = typer.Option(None, "--signature", help="Only this detector signature"),
+) -> None:
+    """SQLite store -> Parquet features dataset (keys already there are skipped)."""
+    from .features import export_store
+
+    if not store.is_file():
+        raise typer.BadParameter(f"feature store {store} does not exist")
+    written = export_store(str(store), dataset, signature)
+    typer.echo(f"exported to {dataset}: " + json.dumps(written))
+
+
+@features_app.command("import")
+def import_command(
+    dataset: str = typer.Argument(..., help="The Parquet features dataset (folder or URI)"),
+    store: Path = typer.Argument(..., help="The SQLite feature store to fill"),
+    signature: Optional[str] = typer.Option(None, "--signature", help="Only this detector signature"),
+) -> None:
+    """Parquet features dataset -> SQLite store, e.g. features computed on a cluster for training here."""
+    from .features import import_dataset
+
+    done = import_dataset(dataset, str(store), signature)
+    typer.echo(f"imported into {store}: " + json.dumps(done))

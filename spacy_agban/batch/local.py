@@ -1,0 +1,97 @@
+"""The single-machine engine of ``python -m spacy_agban tag``.
+
+One process, no cluster: read a part of posts, then for each batch of it read
+and hash the images, look them up in the pipeline's feature store and detect
+the misses (the pipeline's own object units), run ``nlp.pipe``, and write the
+part. Resumable: see :mod:`.posts`.
+"""
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from . import core
+from .models import load_tagger, object_units_block, unit_overrides
+from .posts import Parts, concat, count_posts, input_files, iter_posts, job_description, slices
+
+
+def run_local(
+    model: str,
+    input_path: Path,
+    output: Path,
+    columns: core.PostColumns = core.PostColumns(),
+    part_size: int = 10000,
+    batch_size: int = 64,
+    output_format: str = "parquet",
+    gpu_id: int = -1,
+    image_root: Optional[str] = None,
+    allow_remote: Optional[bool] = None,
+    resume: bool = True,
+    progress: bool = True,
+    after_part: Optional[Callable[[int], None]] = None,
+) -> Dict[str, Any]:
+    """Tag every post of ``input_path`` into numbered parts under ``output``.
+
+    after_part: called with each part's index once it is written (tests use it
+    to interrupt a run).
+    """
+    input_path = Path(input_path).resolve()
+    files, fmt = input_files(input_path)
+    parts = Parts(Path(output), output_format)
+    done = parts.check_job(job_description(input_path, columns, part_size, output_format, model), resume)
+    _, block = object_units_block(model)
+    device = f"cuda:{gpu_id}" if gpu_id >= 0 else None
+    nlp = load_tagger(model, unit_overrides(block, image_root, allow_remote, device), gpu_id=gpu_id)
+    units = _object_units(nlp)
+    if units is not None:
+        units.max_warnings = 0  # a bad image is an error row, not a warning
+    total = count_posts(files, fmt)
+    counts: Counter = Counter()
+    stage_seconds: Counter = Counter()
+    start = time.perf_counter()
+    bar = _bar(total, done * part_size, progress)
+    index = done
+    try:
+        for part in iter_posts(input_path, columns, part_size, skip=done * part_size):
+            outputs = []
+            for batch in slices(part, batch_size):
+                if units is not None:
+                    clock = time.perf_counter()
+                    batch = core.load_images(batch, units.loader)
+                    stage_seconds["load"] += time.perf_counter() - clock
+                    clock = time.perf_counter()
+                    batch = core.detect(batch, units)
+                    stage_seconds["detect"] += time.perf_counter() - clock
+                clock = time.perf_counter()
+                out = core.tag(batch, nlp, batch_size=batch_size)
+                stage_seconds["tag"] += time.perf_counter() - clock
+                core.count_rows(out, counts)
+                outputs.append(out)
+                bar.update(len(out["id"]))
+                bar.set_postfix(errors=counts["posts_with_errors"])
+            parts.write(index, concat(outputs))
+            if after_part is not None:
+                after_part(index)
+            index += 1
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return {"engine": "local", "posts": counts["posts"], "parts_skipped": done, "parts": index,
+            "seconds": seconds, "posts_per_second": counts["posts"] / seconds if seconds > 0 else 0.0,
+            "counts": dict(counts), "stage_seconds": dict(stage_seconds), "summary": core.format_summary(counts, seconds, "local")}
+
+
+def _object_units(nlp: Any) -> Any:
+    """The pipeline's object units when it was trained with objects, else None."""
+    if not core.uses_objects(nlp):
+        return None
+    for pipe in core.agban_pipes(nlp):
+        if pipe.object_units is not None:
+            return pipe.object_units
+    return None
+
+
+def _bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="post", desc="tag", disable=not enabled)

@@ -1,0 +1,189 @@
+"""``python -m spacy_agban tag`` on one machine: parsing, error rows, resuming, features moving."""
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from batch_support import build_objects_pipeline, posts, write_jsonl
+from spacy_agban.batch import core
+from spacy_agban.batch.local import run_local
+from spacy_agban.batch.posts import InputError, read_output
+
+
+@pytest.fixture(scope="module")
+def objects_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("objects_pipeline")
+    model = build_objects_pipeline(root)
+    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    (root / "outside.jpg").write_bytes(b"whatever")
+    return root, model
+
+
+def ids(rows):
+    return [r["id"] for r in rows]
+
+
+def test_malformed_records_become_error_rows() -> None:
+    lines = ['{"id": 1, "text": "ok", "image": null}', "{broken", "[1, 2]", '{"text": "no id"}',
+             '{"id": "a", "text": 7}', '{"id": {"x": 1}, "text": "t", "caption": 3, "image": 4}']
+    wheres = [f"f.jsonl:{i}" for i in range(1, 7)]
+    batch = core.parse_lines(lines, wheres, core.PostColumns())
+    assert batch["id"] == ["1", "f.jsonl:2", "f.jsonl:3", "f.jsonl:4", "a", "f.jsonl:6"]
+    kinds = [[core.error_kind(e) for e in errors] for errors in batch["errors"]]
+    assert kinds == [[], ["bad_input"], ["bad_input"], ["bad_input"], ["bad_input"],
+                     ["bad_input", "image_refused", "bad_caption"]]
+    assert "invalid JSON" in batch["errors"][1][0] and "{broken" in batch["errors"][1][0]
+    assert batch["text"] == ["ok", None, None, "no id", None, "t"]
+    renamed = core.parse_records([{"pid": 5, "body": "hi", "img": "a.jpg", "alt": "x"}], ["w"],
+                                 core.PostColumns("pid", "body", "img", "alt"))
+    assert (renamed["id"], renamed["text"], renamed["image"], renamed["caption"]) == (["5"], ["hi"], ["a.jpg"], ["x"])
+
+
+def test_bad_images_and_captions_are_error_rows_and_the_rest_is_tagged(objects_model, tmp_path, monkeypatch) -> None:
+    root, model = objects_model
+    rows = posts(10)
+    rows[1]["image"] = "missing.jpg"
+    rows[2]["image"] = "broken.jpg"
+    rows[3]["image"] = "../outside.jpg"
+    rows[4]["caption"] = 12345
+    rows[6]["caption"] = "boom: the caption units raise on this one"
+    lines = rows + ["{not json"]
+    # a caption the pipeline itself fails on: that post is retried without it
+    from spacy_agban.visual_units import CaptionUnits
+
+    original = CaptionUnits.__call__
+
+    def fragile(self, doc):
+        if (doc._.image_caption or "").startswith("boom"):
+            raise RuntimeError("caption exploded")
+        return original(self, doc)
+
+    monkeypatch.setattr(CaptionUnits, "__call__", fragile)
+    result = run_local(str(model), write_jsonl(tmp_path / "posts.jsonl", lines), tmp_path / "out",
+                       part_size=4, batch_size=3, progress=False)
+    out = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert len(out) == 11 and result["posts"] == 11
+    assert out["p1"]["error_kinds"] == ["image_missing"] and "missing.jpg" in out["p1"]["error"]
+    assert out["p2"]["error_kinds"] == ["image_corrupt"]
+    assert out["p3"]["error_kinds"] == ["image_refused"]
+    assert out["p4"]["error_kinds"] == ["bad_caption"] and "int" in out["p4"]["error"]
+    assert out["p6"]["error_kinds"] == ["bad_caption"] and "caption exploded" in out["p6"]["error"]
+    assert out["posts.jsonl:11"]["error_kinds"] == ["bad_input"] and out["posts.jsonl:11"]["entities"] == []
+    for key, row in out.items():
+        if not key.startswith("posts.jsonl"):
+            assert row["entities"], f"{key} was not tagged"
+        if key in ("p0", "p5", "p7", "p8", "p9"):
+            assert row["error"] is None
+    assert [u["source"] for u in out["p0"]["visual_units"]][:3] == ["object"] * 3
+    assert out["p2"]["image_status"] == "failed" and out["p1"]["image_status"] == "none"
+    assert not any(u["source"] == "caption" for u in out["p6"]["visual_units"])
+    counts = result["counts"]
+    assert counts["error:bad_caption"] == 2 and counts["error:bad_input"] == 1
+    assert "errors by kind" in result["summary"] and "posts/s" in result["summary"]
+
+
+def test_an_interrupted_run_resumes_without_duplicates(objects_model, tmp_path) -> None:
+    _, model = objects_model
+    source = write_jsonl(tmp_path / "posts.jsonl", posts(11))
+    reference = run_local(str(model), source, tmp_path / "whole", part_size=3, batch_size=2, progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_part_1(index: int) -> None:
+        if index == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_local(str(model), source, tmp_path / "out", part_size=3, batch_size=2, progress=False,
+                  after_part=stop_after_part_1)
+    assert ids(read_output(tmp_path / "out")) == [f"p{i}" for i in range(6)]
+    (tmp_path / "out" / "part-000002.parquet.tmp").write_bytes(b"half a part")  # a write cut off
+    resumed = run_local(str(model), source, tmp_path / "out", part_size=3, batch_size=2, progress=False)
+    assert resumed["parts_skipped"] == 2 and resumed["posts"] == 5
+    rows = read_output(tmp_path / "out")
+    assert ids(rows) == [f"p{i}" for i in range(11)] and max(Counter(ids(rows)).values()) == 1
+    assert rows == read_output(tmp_path / "whole")
+    assert reference["posts"] == 11
+    with pytest.raises(InputError, match="another job"):
+        run_local(str(model), source, tmp_path / "out", part_size=4, progress=False)
+    with pytest.raises(InputError, match="--resume"):
+        run_local(str(model), source, tmp_path / "out", part_size=3, progress=False, resume=False)
+
+
+def test_parquet_input_renamed_columns_and_jsonl_output(objects_model, tmp_path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    _, model = objects_model
+    rows = [{"post_id": r["id"], "body": r["text"], "alt": r["caption"]} for r in posts(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "posts.parquet")
+    columns = core.PostColumns(id="post_id", text="body", image="picture", caption="alt")
+    run_local(str(model), tmp_path / "posts.parquet", tmp_path / "out", columns, output_format="jsonl",
+              progress=False)
+    out = [json.loads(line) for line in (tmp_path / "out" / "part-000000.jsonl").read_text().splitlines()]
+    assert ids(out) == [f"p{i}" for i in range(5)] and all(r["error"] is None for r in out)
+    assert out[0]["entities"][0].keys() == {"start_char", "end_char", "label", "text"}
+    with pytest.raises(InputError, match="no column 'id'"):
+        run_local(str(model), tmp_path / "posts.parquet", tmp_path / "other", progress=False)
+
+
+def test_features_move_between_the_sqlite_store_and_the_parquet_dataset(objects_model, tmp_path) -> None:
+    pytest.importorskip("pyarrow")
+    from spacy_agban.batch.features import FeatureDataset, export_store, import_dataset
+    from spacy_agban.detection.store import FeatureStore
+
+    root, _ = objects_model
+    store = FeatureStore(root / "objects.sqlite")
+    (sig,) = store.signatures()
+    keys = list(store.keys(sig))
+    assert len(keys) == 4
+    assert export_store(str(root / "objects.sqlite"), str(tmp_path / "features")) == {sig: 4}
+    assert export_store(str(root / "objects.sqlite"), str(tmp_path / "features")) == {sig: 0}  # nothing new
+    dataset = FeatureDataset(str(tmp_path / "features"))
+    assert dataset.signatures()[sig] == store.signatures()[sig] and dataset.keys(sig) == set(keys)
+    assert import_dataset(str(tmp_path / "features"), str(tmp_path / "copy.sqlite")) == {sig: 4}
+    copy = FeatureStore(tmp_path / "copy.sqlite")
+    assert copy.signatures() == store.signatures()
+    ours, theirs = store.get_many(keys, sig), copy.get_many(keys, sig)
+    for key in keys:
+        assert ours[key].labels == theirs[key].labels
+        assert (ours[key].features == theirs[key].features).all() and (ours[key].boxes == theirs[key].boxes).all()
+
+
+def test_tag_command_line(objects_model, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from spacy_agban.cli import app
+
+    _, model = objects_model
+    source = write_jsonl(tmp_path / "posts.jsonl", posts(3))
+    result = CliRunner().invoke(app, ["tag", str(model), str(source), str(tmp_path / "out"), "--part-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "tag (local): 3 posts" in result.output
+    assert ids(read_output(tmp_path / "out")) == ["p0", "p1", "p2"]
+    bad = CliRunner().invoke(app, ["tag", str(model), str(tmp_path / "nothing.jsonl"), str(tmp_path / "o2")])
+    assert bad.exit_code == 1 and "does not exist" in bad.output
+
+
+def test_stages_that_cannot_be_scheduled_fail_with_a_message() -> None:
+    from spacy_agban.batch.ray_engine import RayOptions, as_uri, check_resources, needed_cpus
+
+    class Cluster:
+        def __init__(self, **resources):
+            self.resources = resources
+
+        def cluster_resources(self):
+            return self.resources
+
+    options = RayOptions(detect_actors=2, tag_actors=2)
+    assert needed_cpus(options) == 5
+    check_resources(Cluster(CPU=5, GPU=1), options, 0.5, detect=True)
+    with pytest.raises(InputError, match="ask for 5 CPUs"):
+        check_resources(Cluster(CPU=4, GPU=1), options, 0.5, detect=True)
+    with pytest.raises(InputError, match="2 GPUs"):
+        check_resources(Cluster(CPU=8), options, 1.0, detect=True)
+    check_resources(Cluster(CPU=3), options, 1.0, detect=False)  # no detection: no GPU asked
+    assert as_uri(Path("s3://bucket/features")) == "s3://bucket/features"
+    assert as_uri(Path("relative/features")) == "relative/features"
