@@ -243,6 +243,12 @@ def write_markdown(report: Dict[str, Any], path: Path) -> None:
         "`nlp.pipe` with the objects as columns, output rows. Stage posts/s = per process x processes: what the "
         "stage gives when its actors run in parallel, which 2 shared cores only partly allow.",
         "",
+        "Reading it: the Ray overhead is mostly fixed (starting the cluster, the workers and each actor's "
+        "pipeline or detector load, slow on shared cores), not per post; a second actor per stage adds "
+        "nothing when the 2 cores are already busy (and other jobs shared them during this run). The "
+        "per-post costs inside the stages are the same code in both engines (`spacy_agban/batch/core.py`); "
+        "they differ here by the CPU share each process got.",
+        "",
         "## N GPU nodes (computed, on paper)",
         "",
         f"Each node: 1 GPU running one detect actor, {NODE_CPUS} CPU cores: 1 for the detect actor, 1 for I/O "
@@ -260,6 +266,11 @@ def write_markdown(report: Dict[str, Any], path: Path) -> None:
         lines.append(f"| {row['gpu_nodes']} | {row['posts_per_s']} | {row['hours_for_10M_posts']} | {row['bound_by']} |")
     lines.append("")
     path.write_text("\n".join(lines))
+
+
+def rewrite_markdown(report_json: Path) -> None:
+    """Rebuild the .md beside a report's .json (after a change of wording, not of numbers)."""
+    write_markdown(json.loads(report_json.read_text()), report_json.with_suffix(".md"))
 
 
 def main(
