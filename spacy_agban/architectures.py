@@ -13,6 +13,7 @@ from thinc.types import Floats2d
 from .featurize import N_CHARS, Featurizer
 from .model import AGBANModule, Batch
 from .model.agban import Output
+from .shim import with_in_place_updates
 from .visual_units import DocUnits
 
 AGBANInput = Tuple[List[Doc], List[DocUnits], Optional[List[List[int]]]]
@@ -195,14 +196,16 @@ def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> M
         sizes["words"] if words_on else [], sizes["static_width"] if words_on else 0,
         sizes["unit_dims"], a["max_word_chars"],
     )
-    wrapper = PyTorchWrapper_v3(
+    # in-place optimizer steps: thinc's own shim leaks a tensor per parameter per step,
+    # which fragments the heap until RSS grows without bound (see shim.py)
+    wrapper = with_in_place_updates(PyTorchWrapper_v3(
         module,
         convert_inputs=_convert_inputs,
         convert_outputs=_convert_outputs,
         mixed_precision=a["mixed_precision"],
         serialize_model=_serialize_module,
         deserialize_model=_deserialize_module,
-    )
+    ))
     if model.has_ref("torch"):  # re-initialization: replace the old module
         model._layers[-1] = wrapper
     else:

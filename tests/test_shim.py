@@ -1,0 +1,75 @@
+"""The in-place optimizer step: the same weights as thinc's shim, without its leak."""
+import copy
+import gc
+
+import torch
+from thinc.api import Adam, ArgsKwargs, PyTorchShim, PyTorchWrapper_v3
+
+from spacy_agban.shim import InPlaceUpdateShim, with_in_place_updates
+
+from conftest import CAPTION_POSTS, make_examples, make_nlp
+
+
+def _wrap(module: torch.nn.Module):
+    return PyTorchWrapper_v3(
+        module,
+        convert_inputs=lambda model, X, is_train: (ArgsKwargs(args=(X,), kwargs={}), lambda d: None),
+        convert_outputs=lambda model, io, is_train: (
+            io[1], lambda d: ArgsKwargs(args=(io[1].sum(),), kwargs={"grad_tensors": (torch.ones(()),)})
+        ),
+    )
+
+
+def _train(wrapper, optimizer, X, steps: int) -> None:
+    for _ in range(steps):
+        _, backprop = wrapper.begin_update(X)
+        backprop(None)
+        wrapper.finish_update(optimizer)
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter))
+
+
+def test_in_place_updates_match_thincs_shim_exactly():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    stock = _wrap(copy.deepcopy(module))
+    in_place = with_in_place_updates(_wrap(copy.deepcopy(module)))
+    assert type(stock.shims[0]) is PyTorchShim
+    assert isinstance(in_place.shims[0], InPlaceUpdateShim)
+    X = torch.randn(5, 4)
+    _train(stock, Adam(0.01, grad_clip=1.0), X, 10)
+    _train(in_place, Adam(0.01, grad_clip=1.0), X, 10)
+    for (name, a), (_, b) in zip(stock.shims[0]._model.named_parameters(),
+                                 in_place.shims[0]._model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert stock.to_bytes() == in_place.to_bytes()
+
+
+def test_in_place_updates_keep_no_tensor_per_step():
+    torch.manual_seed(0)
+    wrapper = with_in_place_updates(_wrap(torch.nn.Linear(4, 1)))
+    param = wrapper.shims[0]._model.weight
+    storage, X, optimizer = param.data_ptr(), torch.randn(5, 4), Adam(0.01)
+    _train(wrapper, optimizer, X, 3)
+    before = _live_tensors()
+    _train(wrapper, optimizer, X, 30)
+    # thinc's own shim leaves one more live tensor per parameter per step (60 here)
+    assert _live_tensors() - before < 5
+    assert param.data_ptr() == storage
+
+
+def test_agban_model_trains_through_the_in_place_shim():
+    nlp = make_nlp()
+    examples = make_examples(nlp, CAPTION_POSTS)
+    optimizer = nlp.initialize(lambda: examples)
+    wrapper = nlp.get_pipe("agban").model.get_ref("torch")
+    assert isinstance(wrapper.shims[0], InPlaceUpdateShim)
+    params = dict(wrapper.shims[0]._model.named_parameters())
+    before = {name: p.detach().clone() for name, p in params.items()}
+    nlp.update(examples, sgd=optimizer)
+    after = dict(wrapper.shims[0]._model.named_parameters())
+    assert all(after[name] is params[name] for name in params)
+    assert not torch.equal(after["output.crf.transitions"], before["output.crf.transitions"])
