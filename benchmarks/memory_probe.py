@@ -34,6 +34,8 @@ import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False)
+ENV_FACTORS = ("MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_MMAP_THRESHOLD_",
+               "MALLOC_TRIM_THRESHOLD_", "PYTHONHASHSEED", "OMP_NUM_THREADS")
 
 
 class MallInfo2(ctypes.Structure):
@@ -124,7 +126,7 @@ def run(
     import spacy
     from spacy.training import Corpus
     from spacy.training.initialize import init_nlp
-    from spacy.util import load_config, load_model_from_config
+    from spacy.util import load_config
     from thinc.api import fix_random_seed
 
     import spacy_agban  # noqa: F401  (registers the component)
@@ -136,7 +138,7 @@ def run(
     fix_random_seed(0)
     nlp = init_nlp(cfg)
     pipe = nlp.get_pipe("agban")
-    shim_class = "stock"
+    shim_class = ""
     for shim in pipe.model.get_ref("torch").shims:
         if stock_shim:
             from thinc.api import PyTorchShim
@@ -205,9 +207,7 @@ def run(
         "config": relative(str(config)), "mode": mode, "steps": steps, "mkldnn": mkldnn,
         "trim_every": trim_every, "shim": shim_class,
         "gc_every": gc_every, "eval_every": eval_every,
-        "env": {k: os.environ[k] for k in ("MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY",
-                                           "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "PYTHONHASHSEED",
-                                           "OMP_NUM_THREADS") if k in os.environ},
+        "env": {k: os.environ[k] for k in ENV_FACTORS if k in os.environ},
         "torch": torch.__version__, "spacy": spacy.__version__,
         "rss_start_mb": rows[0]["rss_mb"], "rss_end_mb": rows[-1]["rss_mb"],
         "rss_max_mb": max(r["rss_mb"] for r in rows),
