@@ -10,6 +10,17 @@ from spacy.training import Example
 
 import spacy_agban  # noqa: F401  (registers the component and extensions)
 
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Run the Ray tests last.
+
+    A Ray driver leaves threads (gRPC among them) in the test process even after
+    ``ray.shutdown()``; a process forked after that, as ``nlp.pipe(n_process=2)``
+    does, can deadlock on a lock one of those threads held. Ordering keeps every
+    forking test before the first Ray test.
+    """
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_batch_ray.py"))
+
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets" / "twitter2015"
 
