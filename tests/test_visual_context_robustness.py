@@ -10,6 +10,7 @@ from spacy_agban.model.adversarial import dann_lambda
 from spacy_agban.model.crf import CRFOutput, crf_log_marginals
 
 from conftest import CAPTION_POSTS, ents, make_doc, make_examples, make_nlp, train
+from test_model import _module as tiny_module
 
 
 def _crf(n_tags: int = 3) -> CRFOutput:
@@ -67,14 +68,8 @@ def test_crf_log_partition_agrees_with_pytorch_crf():
 
 
 def _module(**overrides) -> AGBANModule:
-    torch.manual_seed(0)
-    kwargs = dict(
-        n_tags=5, n_words=10, static_width=4, word_dim=4, n_chars=1024, char_dim=4,
-        char_hidden=3, hidden=8, unit_dims={"caption": 4}, fusion="gban", adversarial=True,
-        grl_lambda=1.0, gban_dim=5, gate_dim=5, discriminator_hidden=6, dropout=0.0,
-    )
-    kwargs.update(overrides)
-    return AGBANModule(**kwargs)
+    """The tiny module of test_model.py, in training mode."""
+    return tiny_module(**overrides).train()
 
 
 def _batch(n_docs: int = 4, length: int = 3, n_units: int = 2) -> Batch:
