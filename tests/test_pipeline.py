@@ -1,6 +1,7 @@
 """The agban component end to end on a tiny model (after spaCy's test_ner overfitting)."""
 import numpy
 import pytest
+import torch
 import spacy
 from PIL import Image
 from spacy.tokens import DocBin
@@ -266,7 +267,14 @@ def test_n_process_takes_path_images_and_explains_in_memory_ones(caption_pipelin
         return result
 
     single = list(nlp.pipe(docs(image)))
-    multi = list(nlp.pipe(docs(image), n_process=2, batch_size=2))
+    # PyTorch's OpenMP thread pool does not survive fork: with more than one torch thread a
+    # forked worker can hang on its first parallel op, so n_process > 1 needs one thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        multi = list(nlp.pipe(docs(image), n_process=2, batch_size=2))
+    finally:
+        torch.set_num_threads(threads)
     assert [ents(d) for d in multi] == [ents(d) for d in single]
     assert [d._.image for d in multi] == [str(image)] * len(CAPTION_POSTS)  # travels as a string
     docbin = DocBin(docs=docs(image), store_user_data=True)
