@@ -96,7 +96,12 @@ def describe_error(err: Exception) -> str:
 
 
 def _register_tool_commands() -> None:
-    """Commands whose heavy imports (torch, torchvision, matplotlib) wait until they run."""
+    """The tools' commands, defined next to the code they run.
+
+    Importing the package already loads torch (the model's registrations need it);
+    matplotlib and the detector's torchvision models are imported only by the
+    commands that use them.
+    """
     from .batch.cli import features_app, tag_command
     from .detection.cli import detect_command
     from .explain import explain_command

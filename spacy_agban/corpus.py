@@ -2,31 +2,79 @@
 
 spaCy builds each training/evaluation example as ``Example(nlp.make_doc(ref.text),
 ref)``: the predicted doc is made from the text alone and loses ``doc._.image`` and
-``doc._.image_caption``. The visual context is *input*, not
-annotation, so we copy it onto the predicted doc:
+``doc._.image_caption``. When a reference is longer than ``max_length`` (split into
+sentences) or read with ``gold_preproc``, spaCy also replaces it by ``Span.as_doc()``,
+which drops ``user_data``, so the reference itself loses them. The visual context is
+*input*, not annotation: each example's two docs get the context of the doc they were
+read from.
 
-:func:`patch_stock_corpus` wraps ``Corpus._make_example``, the one place where spaCy
-builds those examples, for training and for ``spacy evaluate`` (which always uses the
-stock ``Corpus``). It is applied when this module is imported: by the registered
-reader ``spacy_agban.Corpus.v1`` that the configs name, and by spaCy's entry points
-as soon as it loads a pipeline with an ``agban`` component.
+- Training: the registered reader ``spacy_agban.Corpus.v1`` (what the configs name)
+  is :class:`VisualContextCorpus`, a ``Corpus`` subclass; nothing global changes.
+- ``spacy evaluate`` always builds spaCy's own ``Corpus``. :func:`patch_stock_corpus`
+  gives that class the same two methods. The ``agban`` factory applies it, so it is in
+  effect in a process that has built an ``agban`` pipe (``spacy evaluate`` loads the
+  pipeline before it reads the data), and nowhere else.
+
+Both wrap the public ``Corpus.make_examples`` and ``make_examples_gold_preproc``, one
+reference doc at a time, so spaCy's own splitting logic runs unchanged; their signature
+is checked first, and a spaCy that changed them is an error, not a silent loss.
 """
-import functools
+import inspect
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 from spacy.language import Language
+from spacy.tokens import Doc
 from spacy.training import Corpus, Example
 from spacy.util import registry
 
-from .extensions import copy_visual_context, install_extensions
+from .extensions import copy_visual_context
 
+_METHODS = ("make_examples", "make_examples_gold_preproc")
+_SIGNATURE = ["self", "nlp", "reference_docs"]
 _PATCH_FLAG = "_spacy_agban_visual_context"
 
+MakeExamples = Callable[[Corpus, Language, Iterable[Doc]], Iterator[Example]]
 
-def with_visual_context(example: Example) -> Example:
-    copy_visual_context(example.reference, example.predicted)
-    return example
+
+def _checked(method: MakeExamples) -> MakeExamples:
+    params = list(inspect.signature(method).parameters)
+    if params != _SIGNATURE:
+        raise RuntimeError(
+            f"spacy.training.Corpus.{method.__name__} takes {params}, not {_SIGNATURE}: this "
+            "spaCy version builds examples differently from the one spacy-agban supports, so "
+            "doc._.image and doc._.image_caption could be lost without notice. Install the "
+            "spaCy version pinned by spacy-agban (see its setup.cfg)."
+        )
+    return method
+
+
+def keeping_visual_context(stock: MakeExamples) -> MakeExamples:
+    """``stock`` run one reference at a time, each example given that reference's context."""
+
+    def make(self: Corpus, nlp: Language, reference_docs: Iterable[Doc]) -> Iterator[Example]:
+        for reference in reference_docs:
+            for example in stock(self, nlp, [reference]):
+                # reference sentences made by Span.as_doc() have no user_data
+                copy_visual_context(reference, example.reference)
+                copy_visual_context(reference, example.predicted)
+                yield example
+
+    make.__name__ = stock.__name__
+    make.__doc__ = stock.__doc__
+    setattr(make, _PATCH_FLAG, True)
+    return make
+
+
+# the stock methods, kept before any patch so that the subclass never wraps twice
+_STOCK = {name: _checked(getattr(Corpus, name)) for name in _METHODS}
+
+
+class VisualContextCorpus(Corpus):
+    """``spacy.training.Corpus`` whose examples keep ``doc._.image`` and ``doc._.image_caption``."""
+
+    make_examples = keeping_visual_context(_STOCK["make_examples"])
+    make_examples_gold_preproc = keeping_visual_context(_STOCK["make_examples_gold_preproc"])
 
 
 @registry.readers("spacy_agban.Corpus.v1")
@@ -40,25 +88,15 @@ def create_visual_corpus_reader(
     """Like ``spacy.Corpus.v1``, keeping ``doc._.image`` and ``doc._.image_caption``."""
     if path is None:
         raise ValueError("spacy_agban.Corpus.v1 needs a path to a .spacy file or folder")
-    install_extensions()
-    patch_stock_corpus()
-    return Corpus(
+    return VisualContextCorpus(
         path, gold_preproc=gold_preproc, max_length=max_length, limit=limit, augmenter=augmenter
     )
 
 
 def patch_stock_corpus() -> None:
-    """Make spaCy's stock ``Corpus`` (used by ``spacy evaluate``) keep the visual context."""
-    original = Corpus._make_example
-    if getattr(original, _PATCH_FLAG, False):
-        return
-
-    @functools.wraps(original)
-    def _make_example(self: Corpus, nlp: Language, reference, gold_preproc: bool) -> Example:
-        return with_visual_context(original(self, nlp, reference, gold_preproc))
-
-    setattr(_make_example, _PATCH_FLAG, True)
-    Corpus._make_example = _make_example  # type: ignore[method-assign]
-
-
-patch_stock_corpus()
+    """Make spaCy's own ``Corpus`` (the one ``spacy evaluate`` reads with) keep the context."""
+    for name in _METHODS:
+        current = getattr(Corpus, name)
+        if getattr(current, _PATCH_FLAG, False):
+            continue
+        setattr(Corpus, name, keeping_visual_context(_checked(current)))

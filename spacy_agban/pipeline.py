@@ -16,6 +16,7 @@ from spacy.vocab import Vocab
 from thinc.api import Config, Model, Optimizer
 
 from .architectures import AGBANInput, set_sizes
+from .corpus import patch_stock_corpus
 from .extensions import install_extensions
 from .learning_rate import ScaledOptimizer
 from .visual_units import CAPTION, OBJECT, OBJECT_FEATURE_DIM, DocUnits, ObjectUnitSource
@@ -85,6 +86,8 @@ def make_agban(
     (spaCy has one optimizer for the pipeline): e.g. 20 to train the AGBAN head at
     1e-3 on top of a transformer fine-tuned at 5e-5.
     """
+    # `spacy evaluate` reads its data with spaCy's own Corpus after loading the pipeline
+    patch_stock_corpus()
     return AGBANRecognizer(
         nlp.vocab, model, name,
         caption_units=caption_units, object_units=object_units, max_words=max_words,

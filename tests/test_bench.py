@@ -5,6 +5,7 @@ import pytest
 import srsly
 import spacy
 import torch
+import typer
 from torchcrf import CRF
 
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
@@ -129,8 +130,9 @@ def record(row, seed, dev_f, test_f, k=None):
 def test_parse_existing():
     run = quality.parse_existing("training/runs/agban-s0=agban:0")
     assert (run.row, run.seed, str(run.existing)) == ("agban", 0, "training/runs/agban-s0")
-    with pytest.raises(Exception):
-        quality.parse_existing("training/runs/agban-s0=agban")
+    for bad in ("training/runs/agban-s0=agban", "agban:0", "training/runs/agban-s0=agban:zero"):
+        with pytest.raises(typer.BadParameter, match="PATH=ROW:SEED"):
+            quality.parse_existing(bad)
 
 
 def test_best_row_is_chosen_on_dev_not_test():
@@ -211,3 +213,13 @@ def test_quality_table_shows_the_score_without_visual_context():
     older = record("a", 1, 0.7, 0.60)  # a run from before the column: left out, seeds named
     table = quality.quality_table([with_column, older])
     assert "| 55.00 (seed 0) |" in table
+
+
+def test_rows_are_configs_or_their_variants(tmp_path):
+    assert quality.row_config("agban") == (quality.ROOT / "configs" / "agban.cfg", {})
+    path, overrides = quality.row_config("concat")
+    assert path.name == "agban.cfg"
+    assert overrides == {"components.agban.model.fusion": "concat", "components.agban.model.adversarial": False}
+    assert quality.config_top_k("concat_paper") == quality.config_top_k("agban") == 8
+    with pytest.raises(typer.BadParameter, match="no config for row 'nope'"):
+        quality.row_config("nope")

@@ -1,11 +1,21 @@
 """`spacy evaluate` and the training reader must see doc._.image / doc._.image_caption."""
+import os
+import subprocess
+import sys
+from typing import Dict, List, Tuple
+
 import pytest
+import spacy
 from spacy.cli.evaluate import evaluate
-from spacy.tokens import DocBin
+from spacy.tokens import Doc, DocBin
 from spacy.training import Corpus
 
-from conftest import CAPTION_POSTS, make_examples
-from spacy_agban.corpus import create_visual_corpus_reader
+from conftest import CAPTION_POSTS, ROOT, make_examples
+from spacy_agban.corpus import create_visual_corpus_reader, patch_stock_corpus
+
+
+def _env_with_repo() -> Dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def _write_docbin(nlp, path, with_captions: bool):
@@ -38,3 +48,58 @@ def test_readers_copy_the_context_to_predicted_docs(caption_pipeline, tmp_path):
         examples = list(reader(nlp))
         assert [eg.predicted._.image_caption for eg in examples] == [c for _, c, _ in CAPTION_POSTS]
         assert all(eg.predicted is not eg.reference for eg in examples)
+
+
+def _sentence_split_docbin(path) -> List[Tuple[str, str]]:
+    """Two posts of two sentences each, with an image and a caption; (image, caption) per post."""
+    nlp = spacy.blank("en")
+    docbin = DocBin(store_user_data=True)
+    context = [("1.jpg", "a dog on the grass"), ("2.jpg", "the eiffel tower at night")]
+    for i, (image, caption) in enumerate(context):
+        doc = Doc(nlp.vocab, words=["Kolo", "is", "here", ".", "Paris", "too", "."],
+                  sent_starts=[True, False, False, False, True, False, False],
+                  ents=["B-PER", "O", "O", "O", "B-LOC", "O", "O"])
+        doc._.image = image
+        doc._.image_caption = caption
+        docbin.add(doc)
+    docbin.to_disk(path)
+    return context
+
+
+@pytest.mark.parametrize("options", [{"max_length": 5}, {"gold_preproc": True}])
+@pytest.mark.parametrize("reader", ["spacy_agban", "stock"])
+def test_sentences_split_from_a_post_keep_its_context(caption_pipeline, tmp_path, reader, options):
+    # spaCy makes the sentences with Span.as_doc(), which drops user_data; the stock
+    # Corpus is patched once an agban pipe has been built (the fixture built one)
+    nlp, _ = caption_pipeline
+    context = _sentence_split_docbin(tmp_path / "sents.spacy")
+    make = create_visual_corpus_reader if reader == "spacy_agban" else Corpus
+    examples = list(make(tmp_path / "sents.spacy", **options)(nlp))
+    assert [len(eg.reference) for eg in examples] == [4, 3, 4, 3]
+    expected = [pair for pair in context for _ in range(2)]
+    for doc_of in (lambda eg: eg.reference, lambda eg: eg.predicted):
+        assert [(doc_of(eg)._.image, doc_of(eg)._.image_caption) for eg in examples] == expected
+
+
+def test_the_training_reader_leaves_spacys_corpus_alone(tmp_path):
+    # a fresh process: the patch comes only with an agban pipe, never with the reader
+    code = (
+        "import spacy_agban\n"
+        "from spacy.training import Corpus\n"
+        "from spacy_agban.corpus import create_visual_corpus_reader\n"
+        "stock = Corpus.make_examples\n"
+        "create_visual_corpus_reader('x.spacy')\n"
+        "assert Corpus.make_examples is stock\n"
+        "import spacy; spacy.blank('en').add_pipe('agban')\n"
+        "assert Corpus.make_examples is not stock\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=_env_with_repo())
+
+
+def test_a_changed_spacy_corpus_is_an_error_not_a_silent_loss(monkeypatch):
+    def make_examples(self, nlp, reference_docs, extra):  # a spaCy that changed the method
+        return iter(())
+
+    monkeypatch.setattr(Corpus, "make_examples", make_examples)
+    with pytest.raises(RuntimeError, match="builds examples differently"):
+        patch_stock_corpus()

@@ -74,9 +74,14 @@ def test_edge_docs_get_a_tag_per_token(caption_pipeline, text):
     assert all(e.end <= len(doc) for e in doc.ents)
 
 
-def test_long_doc_is_600_tokens(caption_pipeline):
+@pytest.mark.parametrize("caption, label", [("a man smiling at the camera", "PER"),
+                                            ("a dog playing on the grass", "MISC")])
+def test_a_600_token_doc_is_tagged_to_its_end(caption_pipeline, caption, label):
+    # the overfitted model tags every "Kolo" by the caption, also hundreds of tokens in
     nlp, _ = caption_pipeline
-    assert len(nlp.make_doc("Kolo is here " * 200)) == 600
+    doc = nlp(make_doc(nlp, "Kolo is here " * 200, caption))
+    assert len(doc) == 600
+    assert [(e.start, e.end, e.label_) for e in doc.ents] == [(i, i + 1, label) for i in range(0, 600, 3)]
 
 
 def test_uninitialized_pipe_raises_a_clear_error():

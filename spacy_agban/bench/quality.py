@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import srsly
 import typer
@@ -70,10 +70,29 @@ def has_caption_units(config_path: Path) -> bool:
 PAPER_SUFFIX = "_paper"
 
 
+VARIANTS = "variants.yml"
+
+
+def row_config(row: str, configs: Path = ROOT / "configs") -> Tuple[Path, Dict[str, object]]:
+    """The config a row trains with and its overrides: configs/<row>.cfg, or a variant of
+    another config named in configs/variants.yml."""
+    path = configs / f"{row}.cfg"
+    if path.exists():
+        return path, {}
+    variants = srsly.read_yaml(configs / VARIANTS) if (configs / VARIANTS).exists() else {}
+    if row not in variants:
+        raise typer.BadParameter(
+            f"no config for row {row!r}: neither {path} nor a variant in {configs / VARIANTS}"
+        )
+    variant = variants[row]
+    return configs / f"{variant['base']}.cfg", dict(variant.get("overrides", {}))
+
+
 def config_top_k(row: str, configs: Path = ROOT / "configs") -> Optional[int]:
-    """The caption top_k that configs/<row>.cfg trains with (None without caption units)."""
-    path = configs / f"{row.removesuffix(PAPER_SUFFIX)}.cfg"
-    if not path.exists():
+    """The caption top_k that a row trains with (None without caption units)."""
+    try:
+        path, _ = row_config(row.removesuffix(PAPER_SUFFIX), configs)
+    except typer.BadParameter:
         return None
     units = Config().from_disk(path, interpolate=False)["components"].get("agban", {}).get("caption_units")
     return int(units.get("top_k", 8)) if units else None
@@ -100,8 +119,8 @@ def train(run: Run, config: Path, out_dir: Path, overrides: Dict[str, object]) -
         jsonl = out_dir / f"{run.name}.jsonl"
         jsonl.unlink(missing_ok=True)  # spaCy's logger will not overwrite an old one
         overrides = {**overrides, "training.logger.output_file": str(jsonl)}
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
+    for key, value in overrides.items():  # JSON, as spaCy parses a CLI override
+        cmd += [f"--{key}", value if isinstance(value, str) else srsly.json_dumps(value)]
     typer.echo(f"  {run.name}: {' '.join(cmd[1:])}")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -158,7 +177,8 @@ def run_one(run: Run, configs: Path, out_dir: Path, metrics_dir: Path, test: Pat
             )
         overrides = {}
     else:
-        config = configs / f"{run.row}.cfg"
+        config, variant = row_config(run.row, configs)
+        overrides = {**variant, **overrides}
         if run.k is not None:
             overrides = {**overrides, "components.agban.caption_units.top_k": run.k}
         train_seconds = train(run, config, out_dir, overrides)
@@ -315,7 +335,7 @@ def write_report(metrics_dir: Path, report: Path) -> str:
 
 @app.command()
 def main(
-    rows: str = typer.Option("bilstm_crf,agban,spacy_ner", help="Config names (configs/<row>.cfg)"),
+    rows: str = typer.Option("bilstm_crf,agban,spacy_ner", help="Config names (configs/<row>.cfg or a variant in configs/variants.yml)"),
     seeds: str = typer.Option("0,1,2", help="Seeds, comma-separated"),
     k_values: str = typer.Option("", help="Caption units per post to sweep (rows with caption units), e.g. 0,1,2,4,8"),
     existing: List[str] = typer.Option([], help="PATH=ROW:SEED: evaluate PATH/model-best as that run, without training"),
@@ -327,7 +347,7 @@ def main(
     set_: List[str] = typer.Option([], "--set", help="KEY=VALUE config override for every training, e.g. paths.transformer=DIR"),
     test: Path = typer.Option(ROOT / "corpus" / "test.spacy", help="Test DocBin (never used for choices)"),
     dev: Path = typer.Option(ROOT / "corpus" / "dev.spacy", help="Dev DocBin (scored both ways for choices)"),
-    configs: Path = typer.Option(ROOT / "configs", help="Folder of <row>.cfg"),
+    configs: Path = typer.Option(ROOT / "configs", help="Folder of <row>.cfg and variants.yml"),
     output_dir: Path = typer.Option(ROOT / "training" / "bench", help="Where the trainings go"),
     metrics_dir: Path = typer.Option(ROOT / "metrics" / "bench", help="One JSON per run"),
     report: Path = typer.Option(ROOT / "metrics" / "quality.md", help="The Markdown tables"),
@@ -348,9 +368,7 @@ def main(
     taken = {(r.row, r.seed) for r in runs}
     ks = [int(k) for k in split_list(k_values)]
     for row in split_list(rows):
-        config = configs / f"{row}.cfg"
-        if not config.exists():
-            raise typer.BadParameter(f"{config} does not exist")
+        config, _ = row_config(row, configs)
         for seed in (int(s) for s in split_list(seeds)):
             if (row, seed) not in taken:
                 runs.append(Run(row=row, seed=seed))
