@@ -9,8 +9,8 @@ from torchcrf import CRF
 
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
 from spacy_agban.baseline import STATIC_VECTORS
-from spacy_agban.bench import quality, speed
-from spacy_agban.bench.inference_profile import per_token_arrays
+from benchmarks import quality, speed
+from benchmarks.inference_profile import per_token_arrays
 from spacy_agban.featurize import Featurizer
 from spacy_agban.model.crf import viterbi_decode
 from spacy_agban.visual_units import DocUnits

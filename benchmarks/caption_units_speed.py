@@ -1,6 +1,6 @@
 """Inference cost of contextual caption units against word-vector caption units, side by side.
 
-    python scripts/bench_caption_units.py \
+    python -m benchmarks.caption_units_speed \
         --model words=training/runs/agban-s0/model-best \
         --model encoder=training/bench/agban_caption_encoder-s0/model-best
 
@@ -22,9 +22,9 @@ import typer
 from spacy.tokens import DocBin
 
 import spacy_agban  # noqa: F401  (registrations)
-from spacy_agban.bench import machine, machine_line
 
-ROOT = Path(__file__).resolve().parents[1]
+from .machine import machine, machine_line
+from .paths import ROOT, relative
 
 
 def contextualized(nlp, gold: list) -> list:
@@ -66,7 +66,7 @@ def main(
                 pass
             seconds[name].append(time.perf_counter() - start)
     result = {"machine": machine(), "docs": len(gold), "words": words, "reps": reps,
-              "models": dict(item.partition("=")[::2] for item in model), "seconds": seconds}
+              "models": {name: relative(path) for name, path in (item.partition("=")[::2] for item in model)}, "seconds": seconds}
     srsly.write_json(output, result)
     typer.echo(f"{machine_line(result['machine'])}; {len(gold)} test docs, {reps} interleaved reps, cold caption cache\n")
     typer.echo("| pipeline | words/s | docs/s |\n|---|---|---|")

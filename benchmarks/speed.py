@@ -9,7 +9,7 @@
   extrapolated to one epoch (dev evaluation not included);
 - peak RSS of inference and of training, each measured in its own subprocess.
 
-    python -m spacy_agban.bench.speed --model text=training/runs/bilstm_crf-s0/model-best \
+    python -m benchmarks.speed --model text=training/runs/bilstm_crf-s0/model-best \
         --model agban=training/runs/agban-s0/model-best \
         --model spacy_ner=training/bench/spacy_ner-s0/model-best
 """
@@ -26,9 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import srsly
 import typer
 
-from . import machine, machine_line
+from .machine import machine, machine_line
+from .paths import ROOT, relative
 
-ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = [
     "text=training/runs/bilstm_crf-s0/model-best",
     "agban=training/runs/agban-s0/model-best",
@@ -203,7 +203,7 @@ def train_worker(config: Path = typer.Option(...), steps: int = typer.Option(30)
 
 # ----- the parent: runs the workers, writes the report -----------------------------------
 def run_worker(args: List[str], timeout: int) -> Dict:
-    cmd = [sys.executable, "-m", "spacy_agban.bench.speed", *args]
+    cmd = [sys.executable, "-m", "benchmarks.speed", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
@@ -333,7 +333,8 @@ def main(
             training[name] = {"config": config, **run_worker(
                 ["train-steps", "--config", config, "--steps", str(train_steps)], timeout)}
     result = {
-        "machine": machine(), "models": models, "reference": reference, "test": str(test),
+        "machine": machine(), "models": {name: relative(ROOT / path) for name, path in models.items()},
+        "reference": reference, "test": relative(test),
         "limit": limit, "reps": reps, "train_steps": train_steps,
         "raw_throughput": raw, "summary": summarize(raw, reference),
         "inference_memory": memory, "training": training,
@@ -363,5 +364,5 @@ WORKERS = ("throughput", "infer-memory", "train-steps", "run", "report")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in WORKERS + ("--help",):
-        sys.argv.insert(1, "run")  # `python -m spacy_agban.bench.speed [OPTIONS]`
+        sys.argv.insert(1, "run")  # `python -m benchmarks.speed [OPTIONS]`
     app()

@@ -1,7 +1,7 @@
 """Build a pipeline with *stored* object units for the speed benchmark (speed only, not quality).
 
-    python scripts/make_object_speed_pipeline.py /tmp/objects_bench
-    python -m spacy_agban.bench.speed run --model objects=/tmp/objects_bench/model ...
+    python -m benchmarks.object_speed_pipeline /tmp/objects_bench
+    python -m benchmarks.speed run --model objects=/tmp/objects_bench/model ...
 
 What is real: the code path of a user with a filled feature store. Every test post gets an
 image file (a synthetic JPEG, 400x300, under OUT/images, named as in ``doc._.image``), the
@@ -27,7 +27,8 @@ import spacy_agban  # noqa: F401  (registrations)
 from spacy_agban.detection.object_units import ObjectUnits
 from spacy_agban.detection.store import Detections, FeatureStore
 
-ROOT = Path(__file__).resolve().parents[1]
+from .paths import ROOT
+
 SIGNATURE = "speed-bench-random-features"
 
 

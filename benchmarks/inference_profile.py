@@ -1,6 +1,6 @@
 """Where agban's inference time goes, and the batched featurizer/Viterbi against the old path.
 
-    python -m spacy_agban.bench.inference_profile training/runs/agban-s0/model-best
+    python -m benchmarks.inference_profile training/runs/agban-s0/model-best
 
 1. cProfile of ``nlp.pipe`` over the test docs: the functions with the most own time.
 2. Before/after in one process, interleaved: the same pipeline with the per-token
@@ -19,9 +19,10 @@ import numpy
 import srsly
 import typer
 
-from ..featurize import Featurizer, char_ids, static_vectors
-from ..model.crf import CRFOutput
-from . import machine, machine_line
+from spacy_agban.featurize import Featurizer, char_ids, static_vectors
+from spacy_agban.model.crf import CRFOutput
+
+from .machine import machine, machine_line
 from .speed import ROOT, load, test_docs, time_pipe
 
 app = typer.Typer(add_completion=False)
