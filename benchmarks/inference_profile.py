@@ -19,11 +19,12 @@ import numpy
 import srsly
 import typer
 
+from spacy_agban.docs_io import read_fresh_docs
 from spacy_agban.featurize import Featurizer, char_ids, static_vectors
 from spacy_agban.model.crf import CRFOutput
 
 from .machine import machine, machine_line
-from .speed import ROOT, load, test_docs, time_pipe
+from .speed import ROOT, load, time_pipe
 
 app = typer.Typer(add_completion=False)
 
@@ -100,7 +101,7 @@ def main(
 ) -> None:
     """Profile agban inference; time the old and new featurizer/decode interleaved."""
     nlp = load(model)
-    docs = test_docs(nlp, test, limit)
+    docs = read_fresh_docs(nlp, test, limit)
     words = sum(len(d) for d in docs)
     with old_inference_path(nlp):
         before_profile = top_functions(nlp, docs)

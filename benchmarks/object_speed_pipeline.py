@@ -18,7 +18,6 @@ import numpy
 import spacy
 import typer
 from PIL import Image
-from spacy.tokens import DocBin
 from spacy.training import Example
 from spacy.training.initialize import load_vectors_into_model
 from spacy.util import load_config
@@ -26,6 +25,7 @@ from spacy.util import load_config
 import spacy_agban  # noqa: F401  (registrations)
 from spacy_agban.detection.object_units import ObjectUnits
 from spacy_agban.detection.store import Detections, FeatureStore
+from spacy_agban.docs_io import fresh_doc, read_references
 
 from .paths import ROOT
 
@@ -43,9 +43,9 @@ def main(
     images, store_path = out / "images", out / "objects.sqlite"
     images.mkdir(parents=True, exist_ok=True)
     store_path.unlink(missing_ok=True)
-    vocab = spacy.blank("en").vocab
+    blank = spacy.blank("en")
     names = sorted({str(d._.image) for path in (test, train)
-                    for d in DocBin().from_disk(path).get_docs(vocab) if d._.image})
+                    for d in read_references(blank, path) if d._.image})
     for i, name in enumerate(names):  # a distinct picture per name: distinct content hashes
         pixels = numpy.full((300, 400, 3), rng.integers(0, 255, 3), dtype="uint8")
         pixels[i % 300, :, :] = 255 - pixels[i % 300, :, :]
@@ -71,11 +71,7 @@ def main(
     })
     nlp = spacy.util.load_model_from_config(cfg, auto_fill=True, validate=True)
     load_vectors_into_model(nlp, str(ROOT / "vectors" / "glove-6b-50d"))
-    examples = []
-    for gold in list(DocBin().from_disk(train).get_docs(nlp.vocab))[:200]:
-        pred = nlp.make_doc(gold.text)
-        pred._.image, pred._.image_caption = gold._.image, gold._.image_caption
-        examples.append(Example(pred, gold))
+    examples = [Example(fresh_doc(nlp, gold), gold) for gold in list(read_references(nlp, train))[:200]]
     nlp.initialize(lambda: examples)
     nlp.to_disk(out / "model")
     typer.echo(f"{len(names)} images and stored objects under {out}; pipeline in {out / 'model'}")

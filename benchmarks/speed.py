@@ -55,23 +55,6 @@ def load(model: str):
     return spacy.load(ROOT / model if not Path(model).is_absolute() else model)
 
 
-def test_docs(nlp, test: Path, limit: int) -> list:
-    """Docs as a user would pass them: tokenized text plus the post's image/caption."""
-    from spacy.tokens import DocBin
-
-    from spacy_agban.extensions import copy_visual_context
-
-    refs = list(DocBin().from_disk(test).get_docs(nlp.vocab))
-    if limit:
-        refs = refs[:limit]
-    docs = []
-    for ref in refs:
-        doc = nlp.make_doc(ref.text)
-        copy_visual_context(ref, doc)
-        docs.append(doc)
-    return docs
-
-
 def docs_of_length(docs: Sequence, length: int, n_docs: int) -> list:
     """``n_docs`` docs of exactly ``length`` tokens: running test text, captions kept."""
     from spacy.tokens import Doc
@@ -123,8 +106,10 @@ def throughput_worker(
     """All pipelines in one process: throughput, then length and batch-size scaling."""
     import torch
 
+    from spacy_agban.docs_io import read_fresh_docs
+
     nlps = {name: load(path) for name, path in (m.split("=", 1) for m in model)}
-    docs = {name: test_docs(nlp, test, limit) for name, nlp in nlps.items()}
+    docs = {name: read_fresh_docs(nlp, test, limit) for name, nlp in nlps.items()}
     result: Dict[str, object] = {"torch_threads": torch.get_num_threads()}
     seconds = interleaved(nlps, docs, reps)
     result["throughput"] = {
@@ -160,7 +145,9 @@ def infer_memory_worker(model: str = typer.Option(...), test: Path = typer.Optio
     before = peak_rss_mb()
     nlp = load(model)
     loaded = peak_rss_mb()
-    docs = test_docs(nlp, test, limit)
+    from spacy_agban.docs_io import read_fresh_docs  # after the measured load: nothing new to import
+
+    docs = read_fresh_docs(nlp, test, limit)
     time_pipe(nlp, docs)
     emit({"rss_python_mb": before, "rss_loaded_mb": loaded, "rss_peak_mb": peak_rss_mb()})
 

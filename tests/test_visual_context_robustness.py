@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from spacy_agban.evaluation import evaluate_both, fresh_doc
+from spacy_agban.docs_io import fresh_doc
+from spacy_agban.evaluation import evaluate_both
 from spacy_agban.model import AGBANModule, Batch
 from spacy_agban.model.adversarial import dann_lambda
 from spacy_agban.model.crf import CRFOutput, crf_log_marginals
