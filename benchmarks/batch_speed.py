@@ -31,7 +31,7 @@ import numpy
 import typer
 
 from .machine import machine
-from .paths import ROOT
+from .paths import ROOT, without_machine_paths
 
 WORDS = ["dog", "beach", "man", "city", "tower", "night", "phone", "store", "game", "crowd", "car", "river"]
 NAMES = [("Kolo", "PER"), ("Paris", "LOC"), ("Apple", "ORG"), ("Obama", "PER"), ("Chicago", "LOC"),
@@ -307,7 +307,7 @@ def main(
                     "cores": os.cpu_count()},
         "load_average_before": before, "load_average_after": load_average(), "ray": ray.__version__,
         "posts": posts, "detector": f"Faster R-CNN MobileNet-v3 FPN at {min_size} px",
-        "command": "OMP_NUM_THREADS=1 python -m benchmarks.batch_speed " + " ".join(sys.argv[1:]),
+        "command": "OMP_NUM_THREADS=1 python -m benchmarks.batch_speed " + without_machine_paths(" ".join(sys.argv[1:])),
         "runs": runs,
         "local_tag_rate": runs[0]["rates"]["tag"]["posts_per_s_per_process"],
         "local_load_rate": runs[0]["rates"]["load"]["posts_per_s_per_process"],
