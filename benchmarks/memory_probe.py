@@ -1,6 +1,6 @@
 """Probe training memory: RSS (and glibc heap stats) against steps, one factor at a time.
 
-    OMP_NUM_THREADS=1 python benchmarks/memory_probe.py --config configs/agban.cfg \
+    OMP_NUM_THREADS=1 python -m benchmarks.memory_probe --config configs/agban.cfg \
         --steps 1500 --mode train --label baseline --out metrics/memory_probe.json
 
 builds the pipeline from the config (``init_nlp``) and calls ``nlp.update`` on shuffled
@@ -32,7 +32,8 @@ from typing import Dict, List, Optional
 
 import typer
 
-ROOT = Path(__file__).resolve().parents[1]
+from .paths import ROOT, relative, without_machine_paths
+
 app = typer.Typer(add_completion=False)
 ENV_FACTORS = ("MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_MMAP_THRESHOLD_",
                "MALLOC_TRIM_THRESHOLD_", "PYTHONHASHSEED", "OMP_NUM_THREADS")
@@ -83,13 +84,6 @@ def slope(rows: List[Dict[str, float]], key: str, skip: int) -> Optional[float]:
     return round(1000 * sum((p[0] - mx) * (p[1] - my) for p in pts) / var, 1) if var else None
 
 
-def relative(path: str) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return Path(path).name
-
-
 @app.command()
 def run(
     config: Path = typer.Option(ROOT / "configs" / "agban.cfg"),
@@ -119,7 +113,8 @@ def run(
         for item in env:
             name, _, value = item.partition("=")
             child_env[name] = value
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child"], env=child_env)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", *sys.argv[1:], "--child"],
+                              env=child_env)
         raise typer.Exit(proc.returncode)
 
     import torch
@@ -200,7 +195,7 @@ def run(
         # what the second half of the run added (growth), not what the first half built
         for stat in snap.compare_to(halfway, "traceback")[:8]:
             top.append({"kb_added": round(stat.size_diff / 1e3, 1), "count_added": stat.count_diff,
-                        "where": [f"{relative(f.filename)}:{f.lineno}" for f in stat.traceback][-4:]})
+                        "where": [f"{without_machine_paths(f.filename)}:{f.lineno}" for f in stat.traceback][-4:]})
         top.insert(0, {"python_traced_mb": round(tracemalloc.get_traced_memory()[0] / 1e6, 1)})
     skip = min(300, steps // 3)
     result = {

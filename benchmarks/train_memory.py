@@ -1,6 +1,6 @@
 """Run trainings side by side and record each one's RSS against its training step.
 
-    python benchmarks/train_memory.py --run agban="configs/agban.cfg --output training/mem/agban" \
+    python -m benchmarks.train_memory --run agban="configs/agban.cfg --output training/mem/agban" \
         --run text="configs/bilstm_crf.cfg --output training/mem/text" --out metrics/train_memory.json
 
 Each ``--run NAME="ARGS"`` is ``python -m spacy train ARGS`` with its own JSONL log (the
@@ -21,7 +21,8 @@ from typing import Dict, List, Optional
 
 import typer
 
-ROOT = Path(__file__).resolve().parents[1]
+from .paths import ROOT
+
 app = typer.Typer(add_completion=False)
 
 

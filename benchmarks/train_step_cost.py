@@ -1,6 +1,6 @@
 """Training cost per step of several configurations, interleaved in one process.
 
-    python benchmarks/train_step_cost.py \
+    python -m benchmarks.train_step_cost \
         --variant paper="configs/agban.cfg components.agban.model.visual_dropout=0 components.agban.model.cross_view=0" \
         --variant default="configs/agban.cfg" --steps 40
 
@@ -20,7 +20,8 @@ from typing import Dict, List
 
 import typer
 
-ROOT = Path(__file__).resolve().parents[1]
+from .paths import ROOT
+
 app = typer.Typer(add_completion=False)
 
 

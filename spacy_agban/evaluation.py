@@ -6,33 +6,15 @@ model) and the same posts with the visual context removed (text only). Nothing i
 removed from the reference docs: only the model's input changes.
 """
 from pathlib import Path
-from typing import Dict, Iterator, List, Union
+from typing import Dict, List, Union
 
 from spacy.language import Language
-from spacy.tokens import Doc, DocBin
 from spacy.training import Example
 
-from .extensions import INPUT_EXTENSIONS, copy_visual_context, install_extensions
+from .docs_io import fresh_doc, read_references
 
 WITH_CONTEXT = "with_context"
 WITHOUT_CONTEXT = "without_context"
-
-
-def read_references(nlp: Language, path: Union[str, Path]) -> Iterator[Doc]:
-    """The annotated docs of a DocBin, with their stored ``doc._`` values."""
-    install_extensions()
-    yield from DocBin(store_user_data=True).from_disk(path).get_docs(nlp.vocab)
-
-
-def fresh_doc(nlp: Language, reference: Doc, visual_context: bool = True) -> Doc:
-    """A new doc from the reference's text, with its visual context or without it."""
-    doc = nlp.make_doc(reference.text)
-    if visual_context:
-        copy_visual_context(reference, doc)
-    else:
-        for name in INPUT_EXTENSIONS:
-            doc._.set(name, None)
-    return doc
 
 
 def make_examples(nlp: Language, path: Union[str, Path], visual_context: bool = True) -> List[Example]:

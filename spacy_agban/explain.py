@@ -23,9 +23,10 @@ import typer
 from PIL import Image, ImageDraw, ImageFont
 from spacy import displacy
 from spacy.language import Language
-from spacy.tokens import Doc, DocBin
+from spacy.tokens import Doc
 
-from .extensions import copy_visual_context, install_extensions
+from .docs_io import fresh_doc, read_references
+from .extensions import install_extensions
 from .visual_units import OBJECT
 
 #: The long side of images shown in the report (boxes are scaled along).
@@ -65,10 +66,9 @@ def read_docs(
     path: Path, nlp: Language, limit: int = 0, image_ids: Sequence[str] = ()
 ) -> List[Doc]:
     """Reference docs of a ``.spacy`` file, optionally those of some image ids only."""
-    install_extensions()
     wanted = {_strip_jpg(i) for i in image_ids}
     docs = []
-    for doc in DocBin(store_user_data=True).from_disk(path).get_docs(nlp.vocab):
+    for doc in read_references(nlp, path):
         if wanted and _strip_jpg(str(doc.user_data.get("image_id", ""))) not in wanted:
             continue
         docs.append(doc)
@@ -115,11 +115,7 @@ def explain_docs(
     With ``with_gold``, the given docs are shown as the gold standard (corpus docs).
     """
     references = list(docs)
-    inputs = []
-    for reference in references:
-        doc = nlp.make_doc(reference.text)
-        copy_visual_context(reference, doc)
-        inputs.append(doc)
+    inputs = [fresh_doc(nlp, reference) for reference in references]
     results = []
     for i, (reference, doc) in enumerate(zip(references, nlp.pipe(inputs, batch_size=batch_size))):
         units, attention, gate = recorded_attention(doc)

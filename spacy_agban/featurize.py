@@ -21,19 +21,11 @@ def char_ids(text: str, max_chars: int) -> List[int]:
     return ids or [1]
 
 
-def lower_keys(doc: Doc) -> numpy.ndarray:
-    return doc.to_array([LOWER]).reshape(-1).astype("uint64")
-
-
-def static_vectors(doc: Doc, width: int) -> numpy.ndarray:
-    """The pretrained vector of each token by its lowercase form (zeros if none)."""
-    if width == 0:
-        return numpy.zeros((len(doc), 0), dtype="float32")
-    return batch_static_vectors(doc.vocab, lower_keys(doc), width)
-
-
 def batch_static_vectors(vocab, lower: numpy.ndarray, width: int) -> numpy.ndarray:
-    """Like :func:`static_vectors` for the tokens of many docs (keys concatenated)."""
+    """The pretrained vector of each token by its lowercase key (zeros if none).
+
+    ``lower`` holds the LOWER keys of the tokens of many docs, concatenated.
+    """
     out = numpy.zeros((len(lower), width), dtype="float32")
     rows = vector_rows(vocab, lower)
     found = rows >= 0

@@ -20,7 +20,7 @@ import typer
 from spacy.language import Language
 from spacy.tokens import Doc
 
-from .extensions import copy_visual_context, install_extensions
+from .docs_io import read_fresh_docs
 
 MODALITY_COLOURS = {"text": "#4363d8", "caption": "#f58231", "object": "#3cb44b"}
 
@@ -273,21 +273,6 @@ def collect_projections(
     )
 
 
-def corpus_inputs(nlp: Language, corpus: Path, limit: int = 0) -> List[Doc]:
-    """Fresh docs (text, image, caption; no annotation) from a ``.spacy`` file."""
-    from spacy.tokens import DocBin
-
-    install_extensions()
-    docs = []
-    for reference in DocBin(store_user_data=True).from_disk(corpus).get_docs(nlp.vocab):
-        doc = nlp.make_doc(reference.text)
-        copy_visual_context(reference, doc)
-        docs.append(doc)
-        if limit and len(docs) >= limit:
-            break
-    return docs
-
-
 def subsample(n: int, k: int, rng: numpy.random.Generator) -> numpy.ndarray:
     return numpy.sort(rng.choice(n, size=k, replace=False)) if n > k else numpy.arange(n)
 
@@ -405,7 +390,7 @@ def plot_modalities_command(
     for path in models:
         nlp = spacy.load(path)
         try:
-            projections = collect_projections(nlp, corpus_inputs(nlp, corpus, limit), component)
+            projections = collect_projections(nlp, read_fresh_docs(nlp, corpus, limit), component)
             maps.append(modality_map(model_label(path, nlp, component), projections,
                                      max_points, seed, perplexity, threads))
         except ValueError as err:

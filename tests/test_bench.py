@@ -1,18 +1,19 @@
 """Benchmarks: the baseline's vector lookup survives reloading, the fast inference path
-equals the old one, and the quality/speed reports are built from what was measured."""
+equals a plain per-token reference, and the quality/speed reports are built from what was
+measured."""
 import numpy
 import pytest
 import srsly
 import spacy
 import torch
 import typer
+from spacy.attrs import LOWER
 from torchcrf import CRF
 
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
 from spacy_agban.baseline import STATIC_VECTORS
-from spacy_agban.bench import quality, speed
-from spacy_agban.bench.inference_profile import per_token_arrays
-from spacy_agban.featurize import Featurizer
+from benchmarks import quality, speed
+from spacy_agban.featurize import Featurizer, batch_static_vectors, char_ids
 from spacy_agban.model.crf import viterbi_decode
 from spacy_agban.visual_units import DocUnits
 
@@ -77,7 +78,7 @@ def test_baseline_layer_unknown_words_are_zero():
     assert numpy.abs(rows[0]).sum() == 0 and numpy.abs(rows[1]).sum() > 0
 
 
-# ----- the fast inference path equals the old one ----------------------------------------
+# ----- the fast inference path equals a plain one ----------------------------------------
 @pytest.mark.parametrize("seed", range(5))
 def test_viterbi_equals_pytorch_crf(seed):
     torch.manual_seed(seed)
@@ -100,6 +101,31 @@ def test_viterbi_single_token_docs():
     mask = torch.ones(2, 1, dtype=torch.bool)
     got = viterbi_decode(emissions, mask, crf.start_transitions, crf.transitions, crf.end_transitions)
     assert got == crf.decode(emissions, mask=mask)
+
+
+def per_token_arrays(featurizer: Featurizer, docs, units, tags) -> dict:
+    """The featurizer's arrays built token by token in Python: what the batched,
+    cached code must reproduce exactly."""
+    n_docs, max_len = len(docs), max(len(doc) for doc in docs)
+    width, n_chars = featurizer.static_width, featurizer.max_word_chars
+    word_ids = numpy.zeros((n_docs, max_len), dtype="int64")
+    vectors = numpy.zeros((n_docs, max_len, width), dtype="float32")
+    chars = numpy.zeros((n_docs, max_len, n_chars), dtype="int64")
+    char_lengths = numpy.zeros((n_docs, max_len), dtype="int64")
+    token_mask = numpy.zeros((n_docs, max_len), dtype="bool")
+    gold = numpy.zeros((n_docs, max_len), dtype="int64")
+    for i, doc in enumerate(docs):
+        token_mask[i, : len(doc)] = True
+        lower = doc.to_array([LOWER]).reshape(-1).astype("uint64")
+        vectors[i, : len(doc)] = batch_static_vectors(doc.vocab, lower, width)
+        for j, token in enumerate(doc):
+            word_ids[i, j] = featurizer.word_row(token.lower_)
+            ids = char_ids(token.text, n_chars)
+            chars[i, j, : len(ids)] = ids
+            char_lengths[i, j] = len(ids)
+        gold[i, : len(doc)] = tags[i]
+    return {"word_ids": word_ids, "static_vectors": vectors, "char_ids": chars,
+            "char_lengths": char_lengths, "token_mask": token_mask, "tags": gold}
 
 
 def test_batched_featurizer_equals_per_token():

@@ -114,7 +114,7 @@ def test_logger_writes_both_losses(tiny_data, tmp_path):
 
 def test_object_speed_script_says_what_its_config_measures():
     """The object speed benchmark's pipeline has object units only; its docstring says so."""
-    script = (ROOT / "scripts" / "make_object_speed_pipeline.py").read_text(encoding="utf8")
+    script = (ROOT / "benchmarks" / "object_speed_pipeline.py").read_text(encoding="utf8")
     agban = load_config(ROOT / "configs" / "agban_objects.cfg")["components"]["agban"]
     assert agban["caption_units"] is None and agban["object_units"]
     assert "object units only" in script and "caption and object units" not in script

@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from spacy_agban.evaluation import evaluate_both, fresh_doc
+from spacy_agban.docs_io import fresh_doc, read_references
+from spacy_agban.evaluation import evaluate_both
 from spacy_agban.model import AGBANModule, Batch
 from spacy_agban.model.adversarial import dann_lambda
 from spacy_agban.model.crf import CRFOutput, crf_log_marginals
@@ -192,7 +193,7 @@ def test_evaluation_without_context_removes_the_units(caption_pipeline, tmp_path
         docbin.add(eg.reference)
     path = tmp_path / "posts.spacy"
     docbin.to_disk(path)
-    references = list(DocBin(store_user_data=True).from_disk(path).get_docs(nlp.vocab))
+    references = list(read_references(nlp, path))
     with_units = [nlp(fresh_doc(nlp, ref, True))._.visual_units for ref in references]
     without = [nlp(fresh_doc(nlp, ref, False))._.visual_units for ref in references]
     assert all(units for units in with_units) and not any(without)

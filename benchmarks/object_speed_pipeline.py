@@ -1,7 +1,7 @@
 """Build a pipeline with *stored* object units for the speed benchmark (speed only, not quality).
 
-    python scripts/make_object_speed_pipeline.py /tmp/objects_bench
-    python -m spacy_agban.bench.speed run --model objects=/tmp/objects_bench/model ...
+    python -m benchmarks.object_speed_pipeline /tmp/objects_bench
+    python -m benchmarks.speed run --model objects=/tmp/objects_bench/model ...
 
 What is real: the code path of a user with a filled feature store. Every test post gets an
 image file (a synthetic JPEG, 400x300, under OUT/images, named as in ``doc._.image``), the
@@ -18,7 +18,6 @@ import numpy
 import spacy
 import typer
 from PIL import Image
-from spacy.tokens import DocBin
 from spacy.training import Example
 from spacy.training.initialize import load_vectors_into_model
 from spacy.util import load_config
@@ -26,8 +25,10 @@ from spacy.util import load_config
 import spacy_agban  # noqa: F401  (registrations)
 from spacy_agban.detection.object_units import ObjectUnits
 from spacy_agban.detection.store import Detections, FeatureStore
+from spacy_agban.docs_io import fresh_doc, read_references
 
-ROOT = Path(__file__).resolve().parents[1]
+from .paths import ROOT
+
 SIGNATURE = "speed-bench-random-features"
 
 
@@ -42,9 +43,9 @@ def main(
     images, store_path = out / "images", out / "objects.sqlite"
     images.mkdir(parents=True, exist_ok=True)
     store_path.unlink(missing_ok=True)
-    vocab = spacy.blank("en").vocab
+    blank = spacy.blank("en")
     names = sorted({str(d._.image) for path in (test, train)
-                    for d in DocBin().from_disk(path).get_docs(vocab) if d._.image})
+                    for d in read_references(blank, path) if d._.image})
     for i, name in enumerate(names):  # a distinct picture per name: distinct content hashes
         pixels = numpy.full((300, 400, 3), rng.integers(0, 255, 3), dtype="uint8")
         pixels[i % 300, :, :] = 255 - pixels[i % 300, :, :]
@@ -70,11 +71,7 @@ def main(
     })
     nlp = spacy.util.load_model_from_config(cfg, auto_fill=True, validate=True)
     load_vectors_into_model(nlp, str(ROOT / "vectors" / "glove-6b-50d"))
-    examples = []
-    for gold in list(DocBin().from_disk(train).get_docs(nlp.vocab))[:200]:
-        pred = nlp.make_doc(gold.text)
-        pred._.image, pred._.image_caption = gold._.image, gold._.image_caption
-        examples.append(Example(pred, gold))
+    examples = [Example(fresh_doc(nlp, gold), gold) for gold in list(read_references(nlp, train))[:200]]
     nlp.initialize(lambda: examples)
     nlp.to_disk(out / "model")
     typer.echo(f"{len(names)} images and stored objects under {out}; pipeline in {out / 'model'}")

@@ -9,7 +9,7 @@
   extrapolated to one epoch (dev evaluation not included);
 - peak RSS of inference and of training, each measured in its own subprocess.
 
-    python -m spacy_agban.bench.speed --model text=training/runs/bilstm_crf-s0/model-best \
+    python -m benchmarks.speed --model text=training/runs/bilstm_crf-s0/model-best \
         --model agban=training/runs/agban-s0/model-best \
         --model spacy_ner=training/bench/spacy_ner-s0/model-best
 """
@@ -26,9 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import srsly
 import typer
 
-from . import machine, machine_line
+from .machine import machine, machine_line
+from .paths import ROOT, relative
 
-ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = [
     "text=training/runs/bilstm_crf-s0/model-best",
     "agban=training/runs/agban-s0/model-best",
@@ -53,23 +53,6 @@ def load(model: str):
     import spacy_agban.baseline  # noqa: F401  (the baseline's embedding layer)
 
     return spacy.load(ROOT / model if not Path(model).is_absolute() else model)
-
-
-def test_docs(nlp, test: Path, limit: int) -> list:
-    """Docs as a user would pass them: tokenized text plus the post's image/caption."""
-    from spacy.tokens import DocBin
-
-    from spacy_agban.extensions import copy_visual_context
-
-    refs = list(DocBin().from_disk(test).get_docs(nlp.vocab))
-    if limit:
-        refs = refs[:limit]
-    docs = []
-    for ref in refs:
-        doc = nlp.make_doc(ref.text)
-        copy_visual_context(ref, doc)
-        docs.append(doc)
-    return docs
 
 
 def docs_of_length(docs: Sequence, length: int, n_docs: int) -> list:
@@ -123,8 +106,10 @@ def throughput_worker(
     """All pipelines in one process: throughput, then length and batch-size scaling."""
     import torch
 
+    from spacy_agban.docs_io import read_fresh_docs
+
     nlps = {name: load(path) for name, path in (m.split("=", 1) for m in model)}
-    docs = {name: test_docs(nlp, test, limit) for name, nlp in nlps.items()}
+    docs = {name: read_fresh_docs(nlp, test, limit) for name, nlp in nlps.items()}
     result: Dict[str, object] = {"torch_threads": torch.get_num_threads()}
     seconds = interleaved(nlps, docs, reps)
     result["throughput"] = {
@@ -160,7 +145,9 @@ def infer_memory_worker(model: str = typer.Option(...), test: Path = typer.Optio
     before = peak_rss_mb()
     nlp = load(model)
     loaded = peak_rss_mb()
-    docs = test_docs(nlp, test, limit)
+    from spacy_agban.docs_io import read_fresh_docs  # after the measured load: nothing new to import
+
+    docs = read_fresh_docs(nlp, test, limit)
     time_pipe(nlp, docs)
     emit({"rss_python_mb": before, "rss_loaded_mb": loaded, "rss_peak_mb": peak_rss_mb()})
 
@@ -203,7 +190,7 @@ def train_worker(config: Path = typer.Option(...), steps: int = typer.Option(30)
 
 # ----- the parent: runs the workers, writes the report -----------------------------------
 def run_worker(args: List[str], timeout: int) -> Dict:
-    cmd = [sys.executable, "-m", "spacy_agban.bench.speed", *args]
+    cmd = [sys.executable, "-m", "benchmarks.speed", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
@@ -333,7 +320,8 @@ def main(
             training[name] = {"config": config, **run_worker(
                 ["train-steps", "--config", config, "--steps", str(train_steps)], timeout)}
     result = {
-        "machine": machine(), "models": models, "reference": reference, "test": str(test),
+        "machine": machine(), "models": {name: relative(ROOT / path) for name, path in models.items()},
+        "reference": reference, "test": relative(test),
         "limit": limit, "reps": reps, "train_steps": train_steps,
         "raw_throughput": raw, "summary": summarize(raw, reference),
         "inference_memory": memory, "training": training,
@@ -363,5 +351,5 @@ WORKERS = ("throughput", "infer-memory", "train-steps", "run", "report")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in WORKERS + ("--help",):
-        sys.argv.insert(1, "run")  # `python -m spacy_agban.bench.speed [OPTIONS]`
+        sys.argv.insert(1, "run")  # `python -m benchmarks.speed [OPTIONS]`
     app()

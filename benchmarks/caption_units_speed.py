@@ -1,12 +1,14 @@
 """Inference cost of contextual caption units against word-vector caption units, side by side.
 
-    python scripts/bench_caption_units.py \
+    python -m benchmarks.caption_units_speed \
         --model words=training/runs/agban-s0/model-best \
         --model encoder=training/bench/agban_caption_encoder-s0/model-best
 
 Each repetition times ``nlp.pipe`` over the same test docs for every pipeline in turn
 (A B A B ...). The caption encoder caches units per caption, so every repetition
-starts with an empty cache: the numbers are for captions never seen before.
+starts with an empty cache: the numbers are for captions never seen before. The docs
+are the test posts as a user passes them (text, image, caption); a pipeline with caption
+units only reads no image.
 Writes JSON and prints a Markdown table.
 """
 import os
@@ -19,21 +21,12 @@ import spacy
 import srsly
 import torch
 import typer
-from spacy.tokens import DocBin
 
 import spacy_agban  # noqa: F401  (registrations)
-from spacy_agban.bench import machine, machine_line
+from spacy_agban.docs_io import fresh_doc, read_references
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def contextualized(nlp, gold: list) -> list:
-    docs = []
-    for g in gold:
-        doc = nlp.make_doc(g.text)
-        doc._.image_caption = g._.image_caption
-        docs.append(doc)
-    return docs
+from .machine import machine, machine_line
+from .paths import ROOT, relative
 
 
 def main(
@@ -49,24 +42,24 @@ def main(
         name, _, path = item.partition("=")
         nlps[name] = spacy.load(path)
     first = next(iter(nlps.values()))
-    gold = list(DocBin().from_disk(test).get_docs(first.vocab))
+    gold = list(read_references(first, test))
     gold = gold[:limit] if limit else gold
     words = sum(len(d) for d in gold)
     for nlp in nlps.values():  # warm-up: loads the caption encoder (lazy) outside the timing
-        list(nlp.pipe(contextualized(nlp, gold[:10])))
+        list(nlp.pipe([fresh_doc(nlp, g) for g in gold[:10]]))
     seconds = {name: [] for name in nlps}
     for _ in range(reps):
         for name, nlp in nlps.items():
             cache = getattr(nlp.get_pipe("agban").caption_units, "_cache", None)
             if cache is not None:
                 cache.clear()
-            docs = contextualized(nlp, gold)
+            docs = [fresh_doc(nlp, g) for g in gold]
             start = time.perf_counter()
             for _ in nlp.pipe(docs):
                 pass
             seconds[name].append(time.perf_counter() - start)
     result = {"machine": machine(), "docs": len(gold), "words": words, "reps": reps,
-              "models": dict(item.partition("=")[::2] for item in model), "seconds": seconds}
+              "models": {name: relative(path) for name, path in (item.partition("=")[::2] for item in model)}, "seconds": seconds}
     srsly.write_json(output, result)
     typer.echo(f"{machine_line(result['machine'])}; {len(gold)} test docs, {reps} interleaved reps, cold caption cache\n")
     typer.echo("| pipeline | words/s | docs/s |\n|---|---|---|")

@@ -1,6 +1,6 @@
 """Training-step and inference speed: GloVe configs vs their transformer twins (CPU).
 
-Usage: OMP_NUM_THREADS=1 python metrics/transformer/measure_speed.py OUT.json
+Usage: OMP_NUM_THREADS=1 python -m benchmarks.transformer_speed OUT.json
 Times N update steps of the configs' batch size (10 docs) on training docs and
 nlp.pipe over test docs. Wall and process CPU seconds are both recorded: on a
 shared machine the CPU seconds are the better estimate of the cost.

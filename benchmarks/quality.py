@@ -5,7 +5,7 @@ on dev by spaCy), then ``spacy evaluate model-best <test>``, and writes one metr
 per run; a run whose JSON exists is skipped, a finished training is not repeated.
 Nothing is chosen on the test split: the row shown per type is the best on dev.
 
-    python -m spacy_agban.bench.quality --rows bilstm_crf,agban,spacy_ner --seeds 0,1,2
+    python -m benchmarks.quality --rows bilstm_crf,agban,spacy_ner --seeds 0,1,2
 """
 import statistics
 import subprocess
@@ -19,9 +19,9 @@ import srsly
 import typer
 from thinc.api import Config
 
-from . import machine, machine_line
+from .machine import machine, machine_line
+from .paths import ROOT, relative
 
-ROOT = Path(__file__).resolve().parents[2]
 FINISHED = "Saved pipeline"
 
 app = typer.Typer(add_completion=False)
@@ -147,14 +147,6 @@ def evaluate_two_ways(model: Path, data: Path, output: Path) -> Dict:
     if result.returncode != 0:
         raise RuntimeError(f"spacy_agban evaluate failed for {model}:\n{result.stderr[-2000:]}")
     return srsly.read_json(output)
-
-
-def relative(path: Path) -> str:
-    """A path as the report shows it: relative to the repository when inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def prf(scores: Dict) -> Dict:

@@ -1,11 +1,11 @@
-"""Benchmark object detection with features, and the feature store (not a test).
+"""Detection speed (images/s, peak memory) of the two detectors, and the cost of a feature-store hit.
 
 Images/second for Mask R-CNN and Faster R-CNN MobileNetV3 (random weights) at
 two input sizes and two batch sizes, the peak memory of each, and the cost of a
 feature-store hit, side by side. Each (model, size) runs in its own process so
 that its peak RSS is its own. Writes a JSON file and prints a Markdown table.
 
-    python scripts/bench_detection.py --images 8 --output bench_detection.json
+    python -m benchmarks.detection_speed --images 8 --output bench_detection.json
 """
 import argparse
 import json
@@ -19,7 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
-IMAGES = Path(__file__).resolve().parents[1] / "assets" / "twitter2015" / "images"
+from .paths import ROOT
+
+IMAGES = ROOT / "assets" / "twitter2015" / "images"
 SIZES = {480: 800, 800: 1333}  # min_size: max_size (torchvision's ratio)
 
 
@@ -154,9 +156,10 @@ def main() -> None:
     started = time.perf_counter()
     for model in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            cmd = [sys.executable, __file__, "--one", f"{model}:{size}", "--images", str(args.images),
-                   "--folder", str(args.folder), "--batch-sizes", args.batch_sizes]
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            cmd = [sys.executable, "-m", "benchmarks.detection_speed", "--one", f"{model}:{size}",
+                   "--images", str(args.images), "--folder", str(args.folder.absolute()),
+                   "--batch-sizes", args.batch_sizes]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
             rows.extend(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"{model} {size}px done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
             write(args.output, {"detection": rows, "partial": True})  # survives an interrupted run

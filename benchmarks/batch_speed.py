@@ -1,8 +1,9 @@
-"""Bulk tagging speed: the single-machine ``tag`` against ``tag --engine ray`` with 1
-and 2 actors per stage, on the same posts, in one run; plus a scaling table on
-paper for N GPU nodes computed from the measured per-stage costs.
+"""Bulk tagging speed: the single-machine ``tag`` against ``tag --engine ray``.
 
-    OMP_NUM_THREADS=1 python scripts/bench_batch.py --posts 96
+With 1 and 2 actors per stage, on the same posts, in one run; plus a scaling table
+on paper for N GPU nodes computed from the measured per-stage costs.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.batch_speed --posts 96
 
 Writes metrics/batch_speed.json and metrics/batch_speed.md.
 
@@ -29,7 +30,9 @@ from typing import Any, Dict, List
 import numpy
 import typer
 
-ROOT = Path(__file__).resolve().parents[1]
+from .machine import machine
+from .paths import ROOT, without_machine_paths
+
 WORDS = ["dog", "beach", "man", "city", "tower", "night", "phone", "store", "game", "crowd", "car", "river"]
 NAMES = [("Kolo", "PER"), ("Paris", "LOC"), ("Apple", "ORG"), ("Obama", "PER"), ("Chicago", "LOC"),
          ("NBA", "ORG"), ("Messi", "PER"), ("London", "LOC")]
@@ -281,8 +284,6 @@ def main(
 ) -> None:
     import ray
 
-    from spacy_agban.bench import machine
-
     temporary = work is None
     work = Path(tempfile.mkdtemp(prefix="bench_batch_")) if temporary else work
     work.mkdir(parents=True, exist_ok=True)
@@ -306,7 +307,7 @@ def main(
                     "cores": os.cpu_count()},
         "load_average_before": before, "load_average_after": load_average(), "ray": ray.__version__,
         "posts": posts, "detector": f"Faster R-CNN MobileNet-v3 FPN at {min_size} px",
-        "command": "OMP_NUM_THREADS=1 python scripts/bench_batch.py " + " ".join(sys.argv[1:]),
+        "command": "OMP_NUM_THREADS=1 python -m benchmarks.batch_speed " + without_machine_paths(" ".join(sys.argv[1:])),
         "runs": runs,
         "local_tag_rate": runs[0]["rates"]["tag"]["posts_per_s_per_process"],
         "local_load_rate": runs[0]["rates"]["load"]["posts_per_s_per_process"],

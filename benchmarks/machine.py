@@ -1,4 +1,4 @@
-"""Benchmarks: test-split quality over seeds (``quality``) and CPU speed/memory (``speed``)."""
+"""The date and the machine a benchmark ran on, as its results record them."""
 import datetime
 import os
 import platform
