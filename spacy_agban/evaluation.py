@@ -12,7 +12,7 @@ from spacy.language import Language
 from spacy.tokens import Doc, DocBin
 from spacy.training import Example
 
-from .extensions import INPUT_EXTENSIONS, copy_visual_context, install_extensions
+from .extensions import INPUT_EXTENSIONS, copy_visual_context
 
 WITH_CONTEXT = "with_context"
 WITHOUT_CONTEXT = "without_context"
@@ -20,7 +20,6 @@ WITHOUT_CONTEXT = "without_context"
 
 def read_references(nlp: Language, path: Union[str, Path]) -> Iterator[Doc]:
     """The annotated docs of a DocBin, with their stored ``doc._`` values."""
-    install_extensions()
     yield from DocBin(store_user_data=True).from_disk(path).get_docs(nlp.vocab)
 
 
