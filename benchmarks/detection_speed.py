@@ -77,9 +77,6 @@ def bench_store(folder: Path, n_repeat: int = 3) -> Dict[str, Any]:
     from spacy_agban.detection.images import ImageLoader
     from spacy_agban.detection.object_units import ObjectUnits
     from spacy_agban.detection.store import Detections, FeatureStore
-    from spacy_agban.extensions import install_extensions
-
-    install_extensions()
     names = [p.name for p in sorted(folder.glob("*.jpg"))]
     with tempfile.TemporaryDirectory() as tmp:
         store = FeatureStore(Path(tmp) / "f.sqlite")

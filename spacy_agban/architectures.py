@@ -55,7 +55,9 @@ def build_agban_model(
     depend on data (tags, training vocabulary, vector width, unit sources).
     """
     attrs: Dict[str, Any] = {name: value for name, value in locals().items() if name in HYPERPARAMS}
-    attrs.update(mixed_precision=mixed_precision, sizes=None, featurizer=None)
+    # dropout_rate is what thinc's set_dropout_rate (called by the pipe's update with
+    # its drop) sets: the rate the next training forward uses, ``dropout`` until then
+    attrs.update(mixed_precision=mixed_precision, sizes=None, featurizer=None, dropout_rate=dropout)
     layers = [token_encoder] if token_encoder is not None else []
     model: Model = Model("agban", agban_forward, init=agban_init, layers=layers, attrs=attrs)
     if token_encoder is not None:
@@ -225,6 +227,8 @@ def agban_forward(model: Model, X: AGBANInput, is_train: bool) -> Tuple[Output, 
         external, backprop_encoder = model.get_ref("token_encoder")(docs, is_train)
     arrays = model.attrs["featurizer"](docs, units, tags)
     arrays["external"] = _pad(external) if external is not None else None
+    if is_train:
+        get_module(model).set_dropout(model.attrs["dropout_rate"])
     out, backprop_torch = model.get_ref("torch")(arrays, is_train)
 
     def backprop(_: Any) -> List[Doc]:

@@ -21,6 +21,8 @@ from spacy.util import registry
 from thinc.api import Model, Ragged, glorot_uniform_init
 from thinc.types import Floats2d, Ints1d
 
+from .vectors import vector_rows
+
 STATIC_VECTORS = "static_vectors"
 
 
@@ -40,11 +42,10 @@ def lower_static_vectors(
     )
 
 
-def vector_rows_by(docs: List[Doc], attr_id: int):
-    """Row of each token's vector in ``vocab.vectors`` (-1 where there is none)."""
-    vocab = docs[0].vocab
+def token_keys(docs: List[Doc], attr_id: int) -> numpy.ndarray:
+    """Each token's ``attr_id`` value, the key of its vector, all docs concatenated."""
     keys = numpy.concatenate([cast(Ints1d, doc.to_array(attr_id)).reshape(-1) for doc in docs])
-    return numpy.asarray(vocab.vectors.find(keys=keys.astype("uint64")), dtype="int64")
+    return keys.astype("uint64")
 
 
 def _static_vectors_forward(
@@ -55,7 +56,7 @@ def _static_vectors_forward(
     lengths = ops.asarray1i([len(doc) for doc in docs])
     if not docs or not int(lengths.sum()):
         return Ragged(ops.alloc2f(0, n_out), lengths), lambda d: []
-    rows = vector_rows_by(docs, model.attrs["key_attr"])
+    rows = vector_rows(docs[0].vocab, token_keys(docs, model.attrs["key_attr"]))
     found = ops.asarray(rows >= 0)
     table = ops.asarray(docs[0].vocab.vectors.data)
     V = ops.as_contig(table[ops.asarray(rows)])

@@ -23,13 +23,13 @@ import torch
 from spacy.tokens import Doc
 from spacy.util import registry
 
-from .visual_units import CAPTION, CaptionUnits, CaptionWarning, SkipWarnings, VisualUnit, caption_of
+from .caption_words import caption_words, is_content_word
+from .visual_units import CAPTION, CaptionWarning, SkipWarnings, UnitSource, VisualUnit, caption_of
 
 SENTENCE_LABEL = "<caption>"
-_PUNCT = ".,;:!?\"'()[]{}"
 
 
-class CaptionEncoderUnits:
+class CaptionEncoderUnits(UnitSource):
     """``doc._.image_caption`` -> up to ``top_k`` contextual caption units."""
 
     def __init__(
@@ -56,13 +56,13 @@ class CaptionEncoderUnits:
         self.max_length = max_length
         self.batch_size = batch_size
         self.cache_size = cache_size
-        self._words = CaptionUnits(max_chars=max_chars)
+        self.max_chars = max_chars
         self._encoder: Optional[Tuple[Any, Any, torch.device]] = None
         self._cache: "OrderedDict[str, List[VisualUnit]]" = OrderedDict()
         self.skipped = SkipWarnings("captions", CaptionWarning)
 
     @property
-    def width(self) -> int:
+    def width(self) -> Optional[int]:
         """The encoder's hidden size: the dimension of every unit (read from config.json)."""
         from transformers import AutoConfig
 
@@ -89,29 +89,25 @@ class CaptionEncoderUnits:
         caption = caption_of(doc, self.skipped)
         return None if self.top_k == 0 else caption
 
-    def report_skipped(self) -> None:
-        self.skipped.report()
-
-    def prefetch(self, docs: Sequence[Doc]) -> None:
-        """Encode the captions of ``docs`` not in the cache, ``batch_size`` at a time."""
-        captions = (self.caption_of(doc) for doc in docs)
-        todo = list(dict.fromkeys(c for c in captions if c is not None and c not in self._cache))
+    def __call__(self, docs: Sequence[Doc]) -> List[List[VisualUnit]]:
+        """Captions not in the cache are encoded together, ``batch_size`` at a time."""
+        captions = [self.caption_of(doc) for doc in docs]
+        found: Dict[str, List[VisualUnit]] = {}
+        todo = []
+        for caption in dict.fromkeys(c for c in captions if c is not None):
+            units = self._cache.get(caption)
+            if units is None:
+                todo.append(caption)
+            else:
+                self._cache.move_to_end(caption)
+                found[caption] = units
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             for caption, units in zip(chunk, self._encode(chunk)):
                 self._remember(caption, units)
-
-    def __call__(self, doc: Doc) -> List[VisualUnit]:
-        caption = self.caption_of(doc)
-        if caption is None:
-            return []
-        units = self._cache.get(caption)
-        if units is None:
-            units = self._encode([caption])[0]
-            self._remember(caption, units)
-        else:
-            self._cache.move_to_end(caption)
-        return units
+                found[caption] = units
+        self.skipped.report()  # a batch ends here
+        return [found[caption] if caption is not None else [] for caption in captions]
 
     def _remember(self, caption: str, units: List[VisualUnit]) -> None:
         self._cache[caption] = units
@@ -119,8 +115,7 @@ class CaptionEncoderUnits:
             self._cache.popitem(last=False)
 
     def _split(self, caption: str) -> List[str]:
-        words = [raw.strip(_PUNCT) for raw in caption[: self._words.max_chars].split()]
-        return [w for w in words if w] or [caption.strip() or "."]
+        return caption_words(caption, self.max_chars) or [caption.strip() or "."]
 
     @torch.no_grad()
     def _encode(self, captions: List[str]) -> List[List[VisualUnit]]:
@@ -134,7 +129,7 @@ class CaptionEncoderUnits:
         states = states.float().cpu().numpy()
         mask = enc["attention_mask"].numpy().astype(bool)
         result = []
-        for i, caption_words in enumerate(words):
+        for i, split in enumerate(words):
             sentence = states[i][mask[i]].mean(axis=0)
             units = [VisualUnit(source=CAPTION, vector=sentence, label=SENTENCE_LABEL)]
             pieces: Dict[int, List[int]] = {}
@@ -142,11 +137,11 @@ class CaptionEncoderUnits:
                 if w is not None:
                     pieces.setdefault(w, []).append(j)
             seen = set()
-            for w, word in enumerate(caption_words):
+            for w, word in enumerate(split):
                 if len(units) >= self.top_k:
                     break
                 lower = word.lower()
-                if w not in pieces or lower in seen or lower not in self._words.content_words(lower):
+                if w not in pieces or lower in seen or not is_content_word(lower):
                     continue
                 seen.add(lower)
                 vector = states[i][pieces[w]].mean(axis=0)

@@ -8,7 +8,6 @@ from spacy.tokens import Doc, DocBin
 from spacy.training import biluo_tags_to_spans, iob_to_biluo
 from spacy.vocab import Vocab
 
-from .extensions import install_extensions
 
 IMGID_PREFIX = "IMGID:"
 TAG_PREFIXES = ("B-", "I-")
@@ -121,7 +120,6 @@ def convert_file(
     captions: Dict[str, str],
     type_map: Dict[str, str],
 ) -> ConversionStats:
-    install_extensions()
     vocab = Vocab()
     docbin = DocBin(store_user_data=True)
     stats = ConversionStats()

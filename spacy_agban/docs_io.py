@@ -10,12 +10,11 @@ from typing import Iterator, List, Union
 from spacy.language import Language
 from spacy.tokens import Doc, DocBin
 
-from .extensions import INPUT_EXTENSIONS, copy_visual_context, install_extensions
+from .extensions import INPUT_EXTENSIONS, copy_visual_context
 
 
 def read_references(nlp: Language, path: Union[str, Path]) -> Iterator[Doc]:
     """The annotated docs of a DocBin, with their stored ``doc._`` values."""
-    install_extensions()
     yield from DocBin(store_user_data=True).from_disk(path).get_docs(nlp.vocab)
 
 

@@ -26,7 +26,6 @@ from spacy.language import Language
 from spacy.tokens import Doc
 
 from .docs_io import fresh_doc, read_references
-from .extensions import install_extensions
 from .visual_units import OBJECT
 
 #: The long side of images shown in the report (boxes are scaled along).
@@ -54,7 +53,6 @@ class Explanation:
 # ----- loading ---------------------------------------------------------------------------
 def load_pipeline(model: Union[str, Path], component: str = "agban") -> Language:
     """Load a pipeline with the attention of ``component`` recorded on each doc."""
-    install_extensions()
     nlp = spacy.load(model, config={"components": {component: {"record_attention": True}}})
     pipe = nlp.get_pipe(component)
     if not getattr(pipe, "record_attention", False):  # config override not honoured

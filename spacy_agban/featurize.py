@@ -5,7 +5,8 @@ import numpy
 from spacy.attrs import IS_SPACE, LOWER, ORTH
 from spacy.tokens import Doc
 
-from .visual_units import DocUnits, vector_rows
+from .vectors import vector_rows
+from .visual_units import DocUnits
 
 N_CHARS = 1024  # 0 padding, 1..255 Latin-1, the rest hashed by code point
 _LATIN1 = 255

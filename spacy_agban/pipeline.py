@@ -13,15 +13,12 @@ from spacy.scorer import get_ner_prf
 from spacy.tokens import Doc
 from spacy.training import Example, iob_to_biluo, biluo_tags_to_spans, validate_get_examples
 from spacy.vocab import Vocab
-from thinc.api import Config, Model, Optimizer
+from thinc.api import Config, Model, Optimizer, set_dropout_rate
 
 from .architectures import AGBANInput, set_sizes
 from .corpus import patch_stock_corpus
-from .extensions import install_extensions
 from .learning_rate import ScaledOptimizer
-from .visual_units import CAPTION, OBJECT, OBJECT_FEATURE_DIM, DocUnits, ObjectUnitSource
-
-install_extensions()
+from .visual_units import CAPTION, OBJECT, DocUnits, ObjectUnitSource, UnitSource, VisualUnit
 
 DEFAULT_CONFIG_STR = """
 [model]
@@ -73,7 +70,7 @@ def make_agban(
     nlp: Language,
     name: str,
     model: Model,
-    caption_units: Optional[Callable[[Doc], list]],
+    caption_units: Optional[UnitSource],
     object_units: Optional[ObjectUnitSource],
     max_words: int,
     record_attention: bool,
@@ -114,7 +111,7 @@ class AGBANRecognizer(TrainablePipe):
         model: Model,
         name: str = "agban",
         *,
-        caption_units: Optional[Callable[[Doc], list]] = None,
+        caption_units: Optional[UnitSource] = None,
         object_units: Optional[ObjectUnitSource] = None,
         max_words: int = 50000,
         record_attention: bool = False,
@@ -123,6 +120,15 @@ class AGBANRecognizer(TrainablePipe):
     ):
         if not learn_rate_scale > 0:
             raise ValueError(f"learn_rate_scale must be > 0, got {learn_rate_scale}")
+        for arg, source, kind in (
+            ("caption_units", caption_units, UnitSource),
+            ("object_units", object_units, ObjectUnitSource),
+        ):
+            if source is not None and not isinstance(source, kind):
+                raise TypeError(
+                    f"{arg} must be a spacy_agban.visual_units.{kind.__name__} (or None), "
+                    f"got {type(source).__name__}"
+                )
         self.vocab = vocab
         self.model = model
         self.name = name
@@ -140,6 +146,12 @@ class AGBANRecognizer(TrainablePipe):
     @property
     def labels(self) -> tuple:
         return tuple(self.cfg["labels"])
+
+    @property
+    def label_data(self) -> List[str]:
+        """The entity types, as ``spacy init labels`` saves them for
+        ``[initialize.components.agban.labels]``."""
+        return list(self.labels)
 
     @property
     def tags(self) -> List[str]:
@@ -162,15 +174,22 @@ class AGBANRecognizer(TrainablePipe):
         self.cfg["labels"] = sorted(self.cfg["labels"] + [label])
         return 1
 
+    def _configured_sources(self) -> Dict[str, UnitSource]:
+        """The configured sources, objects first: the order of a doc's units."""
+        sources: Dict[str, UnitSource] = {}
+        if self.object_units is not None:
+            sources[OBJECT] = self.object_units
+        if self.caption_units is not None:
+            sources[CAPTION] = self.caption_units
+        return sources
+
     def _unit_dims(self, static_width: int) -> Dict[str, int]:
         dims = {}
-        if self.object_units is not None:
-            dims[OBJECT] = OBJECT_FEATURE_DIM
-        if self.caption_units is not None:
-            # word-vector captions take the vectors' width; an encoder says its own
-            width = getattr(self.caption_units, "width", None) or static_width
+        for name, source in self._configured_sources().items():
+            # word-vector units take the vectors' width (none without vectors)
+            width = source.width or static_width
             if width:
-                dims[CAPTION] = int(width)
+                dims[name] = int(width)
         return dims
 
     def _build_model(self) -> None:
@@ -188,6 +207,12 @@ class AGBANRecognizer(TrainablePipe):
         nlp: Optional[Language] = None,
         labels: Optional[List[str]] = None,
     ) -> None:
+        """Size the model from the examples, then build it.
+
+        labels: the entity types to tag, e.g. those ``spacy init labels`` saved
+            (``[initialize.components.agban.labels]``); by default the types of the
+            examples' reference entities. The tags are O and B-/I- of each.
+        """
         validate_get_examples(get_examples, "AGBANRecognizer.initialize")
         words: Counter = Counter()
         found = set()
@@ -218,40 +243,39 @@ class AGBANRecognizer(TrainablePipe):
     # ----- visual units -----------------------------------------------------------------
     def _object_signature(self) -> Optional[str]:
         """The detector signature the object units read (None for sources without one)."""
-        if OBJECT not in self.cfg["unit_dims"]:
+        if OBJECT not in self.cfg["unit_dims"] or self.object_units is None:
             return None
-        signature = getattr(self.object_units, "signature", None)
-        return signature if isinstance(signature, str) and signature else None
+        return self.object_units.signature or None
 
     def _pin_object_signature(self) -> None:
         """Features of another detector mean nothing to this model: read only those it
         was trained on, whatever else the store holds."""
         signature = self.cfg.get("object_signature")
-        pin = getattr(self.object_units, "pin_signature", None)
-        if signature and pin is not None:
-            pin(signature)
+        if signature and self.object_units is not None:
+            self.object_units.pin_signature(signature)
 
     def visual_units(self, docs: Sequence[Doc], store: bool = True) -> List[DocUnits]:
-        """Collect each doc's units (objects, then caption) and record them on the doc."""
-        sources = self.cfg["unit_dims"]
-        objects: List[list] = [[] for _ in docs]
-        if OBJECT in sources and self.object_units is not None:
-            objects = self.object_units(docs)
-        prefetch = getattr(self.caption_units, "prefetch", None)
-        if CAPTION in sources and prefetch is not None:
-            prefetch(docs)  # encode the batch's captions together, not one by one
-        result = []
-        for doc, doc_objects in zip(docs, objects):
-            units = list(doc_objects)
-            if CAPTION in sources and self.caption_units is not None:
-                units.extend(self.caption_units(doc))
-            doc_units = DocUnits(units)
-            if store:
+        """Collect each doc's units (objects, then caption) and record them on the doc.
+
+        Only the sources the model was built for are asked (a caption source without
+        word vectors to read has no units to give).
+        """
+        units: List[List[VisualUnit]] = [[] for _ in docs]
+        for name, source in self._configured_sources().items():
+            if name not in self.cfg["unit_dims"]:
+                continue
+            found = source(docs)
+            if len(found) != len(docs):
+                raise ValueError(
+                    f"the {name} unit source {type(source).__name__} returned units for "
+                    f"{len(found)} docs, but was given {len(docs)}"
+                )
+            for doc_units, more in zip(units, found):
+                doc_units.extend(more)
+        result = [DocUnits(doc_units) for doc_units in units]
+        if store:
+            for doc, doc_units in zip(docs, result):
                 doc._.visual_units = doc_units.meta()
-            result.append(doc_units)
-        report = getattr(self.caption_units, "report_skipped", None)
-        if report is not None:
-            report()  # captions are read doc by doc: the batch ends here
         return result
 
     # ----- prediction -------------------------------------------------------------------
@@ -272,29 +296,17 @@ class AGBANRecognizer(TrainablePipe):
             return predictions
         out = self.model.predict(([docs[i] for i in index], [units[i] for i in index], None))
         tags = self.tags
-        batch_units = [units[i] for i in index]
         for row, i in enumerate(index):
             predictions[i]["tags"] = [tags[t] for t in out.tags[row]]
             if self.record_attention and out.attention is not None:
-                columns = self._unit_columns(batch_units, row)
+                assert out.unit_mask is not None
                 n = len(docs[i])
-                predictions[i]["attention"] = out.attention[row, :n][:, columns].cpu().numpy()
+                # the doc's own units, in the order of doc._.visual_units; the rest is padding
+                own = out.unit_mask[row]
+                predictions[i]["attention"] = out.attention[row, :n][:, own].cpu().numpy()
                 if out.gate is not None:
                     predictions[i]["gate"] = out.gate[row, :n].mean(dim=-1).cpu().numpy()
         return predictions
-
-    def _unit_columns(self, batch_units: List[DocUnits], row: int) -> List[int]:
-        """Columns of the batch's attention map that hold this doc's real units.
-
-        The model lays units out source by source, each padded to the batch maximum
-        (at least one column), in the order of ``cfg["unit_dims"]``.
-        """
-        columns, offset = [], 0
-        for source in self.cfg["unit_dims"]:
-            counts = [sum(u.source == source for u in du.units) for du in batch_units]
-            columns.extend(offset + j for j in range(counts[row]))
-            offset += max([1] + counts)
-        return columns
 
     def set_annotations(self, docs: Iterable[Doc], predictions: List[Dict[str, Any]]) -> None:
         for doc, pred in zip(docs, predictions):
@@ -336,6 +348,7 @@ class AGBANRecognizer(TrainablePipe):
         examples = [eg for eg in examples if len(eg.predicted)]
         if not examples:
             return losses
+        set_dropout_rate(self.model, drop)
         docs = [eg.predicted for eg in examples]
         inputs: AGBANInput = (docs, self.visual_units(docs), [self._gold_tags(eg) for eg in examples])
         out, backprop = self.model.begin_update(inputs)
@@ -366,35 +379,46 @@ class AGBANRecognizer(TrainablePipe):
         )
 
     # ----- serialization ----------------------------------------------------------------
-    def from_bytes(self, bytes_data: bytes, *, exclude=tuple()) -> "AGBANRecognizer":
-        msg = srsly.msgpack_loads(bytes_data)
-        self.cfg.update(srsly.json_loads(msg["cfg"]))
-        self._pin_object_signature()
-        self._load_weights(msg["model"])
-        return self
-
-    def to_bytes(self, *, exclude=tuple()) -> bytes:
-        self._check_initialized()
-        return srsly.msgpack_dumps({
-            "cfg": srsly.json_dumps(self.cfg),
-            "model": self.model.to_bytes(),
-        })
-
-    def to_disk(self, path: Union[str, Path], *, exclude=tuple()) -> None:
-        self._check_initialized()
-        path = util.ensure_path(path)
-        serializers = {
-            "cfg": lambda p: srsly.write_json(p, self.cfg),
-            "model": lambda p: p.open("wb").write(self.model.to_bytes()),
+    # Two fields, "cfg" and "model", as spaCy's trainable pipes (less the vocab, which
+    # the pipeline saves once for all its components); ``exclude`` names fields to skip.
+    # cfg comes first: it sizes the model that the weights are loaded into.
+    def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
+        if "model" not in exclude:
+            self._check_initialized()
+        serialize = {
+            "cfg": lambda: srsly.json_dumps(self.cfg),
+            "model": self.model.to_bytes,
         }
-        util.to_disk(path, serializers, exclude)
+        return util.to_bytes(serialize, exclude)
 
-    def from_disk(self, path: Union[str, Path], *, exclude=tuple()) -> "AGBANRecognizer":
-        path = util.ensure_path(path)
-        self.cfg.update(srsly.read_json(path / "cfg"))
-        self._pin_object_signature()
-        self._load_weights((path / "model").read_bytes())
+    def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = tuple()) -> "AGBANRecognizer":
+        deserialize = {
+            "cfg": lambda b: self._load_cfg(srsly.json_loads(b)),
+            "model": self._load_weights,
+        }
+        util.from_bytes(bytes_data, deserialize, exclude)
         return self
+
+    def to_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()) -> None:
+        if "model" not in exclude:
+            self._check_initialized()
+        serialize = {
+            "cfg": lambda p: srsly.write_json(p, self.cfg),
+            "model": lambda p: self.model.to_disk(p),
+        }
+        util.to_disk(path, serialize, exclude)
+
+    def from_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()) -> "AGBANRecognizer":
+        deserialize = {
+            "cfg": lambda p: self._load_cfg(srsly.read_json(p)),
+            "model": lambda p: self._load_weights(p.read_bytes()),
+        }
+        util.from_disk(path, deserialize, exclude)
+        return self
+
+    def _load_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.cfg.update(cfg)
+        self._pin_object_signature()
 
     def _load_weights(self, model_bytes: bytes) -> None:
         self._build_model()

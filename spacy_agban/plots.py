@@ -224,47 +224,30 @@ class Projections:
 def collect_projections(
     nlp: Language, docs: Sequence[Doc], component: str = "agban", batch_size: int = 32
 ) -> Projections:
-    """G_T and G_V of ``docs`` from forward hooks on the text and visual projectors.
+    """G_T and G_V of ``docs``, as the model's output gives them.
 
-    Padding is dropped with the token mask (doc lengths) and the unit masks (the
-    featurizer's, concatenated in the projector's source order, as the model does).
+    Padding is dropped with the token mask (doc lengths) and the model's unit mask,
+    whose columns the output names by source.
     """
-    import torch
-
     from .architectures import get_module
 
     pipe = nlp.get_pipe(component)
     module = get_module(pipe.model)
     if module.visual is None:
         raise ValueError(f"'{component}' has no visual projector (fusion='none'): no G_V to plot")
-    featurizer = pipe.model.attrs["featurizer"]
-    captured: Dict[str, torch.Tensor] = {}
-    hooks = [
-        module.text.register_forward_hook(lambda m, i, out: captured.__setitem__("text", out.detach())),
-        module.visual.register_forward_hook(lambda m, i, out: captured.__setitem__("visual", out.detach())),
-    ]
     tokens, units, sources = [], [], []
-    try:
-        docs = [doc for doc in docs if len(doc)]
-        for start in range(0, len(docs), batch_size):
-            batch = docs[start: start + batch_size]
-            doc_units = pipe.visual_units(batch, store=False)
-            captured.clear()
-            pipe.model.predict((batch, doc_units, None))
-            g_t = captured["text"].float().cpu().numpy()
-            g_v = captured["visual"].float().cpu().numpy()
-            _, masks = featurizer.unit_arrays(doc_units)
-            unit_mask = numpy.concatenate([masks[s] for s in module.unit_sources], axis=1)
-            source_of = numpy.concatenate(
-                [numpy.full(masks[s].shape, s, dtype=object) for s in module.unit_sources], axis=1
-            )
-            for row, doc in enumerate(batch):
-                tokens.append(g_t[row, : len(doc)])
-                units.append(g_v[row][unit_mask[row]])
-                sources.extend(source_of[row][unit_mask[row]])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    docs = [doc for doc in docs if len(doc)]
+    for start in range(0, len(docs), batch_size):
+        batch = docs[start: start + batch_size]
+        out = pipe.model.predict((batch, pipe.visual_units(batch, store=False), None))
+        g_t = out.text_features.float().cpu().numpy()
+        g_v = out.visual_features.float().cpu().numpy()
+        unit_mask = out.unit_mask.cpu().numpy()
+        source_of = numpy.asarray(out.unit_sources, dtype=object)
+        for row, doc in enumerate(batch):
+            tokens.append(g_t[row, : len(doc)])
+            units.append(g_v[row][unit_mask[row]])
+            sources.extend(source_of[unit_mask[row]])
     width = module.text.width
     return Projections(
         tokens=numpy.concatenate(tokens) if tokens else numpy.zeros((0, width), "float32"),

@@ -1,10 +1,25 @@
-"""Word vectors for the text projector, offline (GloVe 6B 50d package) or from a file."""
+"""Word vectors for the text projector, offline (GloVe 6B 50d package) or from a file,
+and the one lookup of their rows."""
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy
 import spacy
 from spacy.language import Language
+from spacy.vocab import Vocab
+
+
+def vector_rows(vocab: Vocab, keys: numpy.ndarray) -> numpy.ndarray:
+    """Rows of ``vocab.vectors`` for string keys (-1 where a key has no vector).
+
+    Every reader of the vectors looks rows up here, by keys it chose itself (the
+    lowercase form, or the attribute a config names) rather than through
+    ``Vectors.attr``, which spaCy 3.8 does not save: the lookup a model trains with
+    is then the one it uses after ``spacy.load``.
+    """
+    if vocab.vectors.shape[0] == 0 or len(keys) == 0:
+        return numpy.full((len(keys),), -1, dtype="int64")
+    return numpy.asarray(vocab.vectors.find(keys=keys), dtype="int64")
 
 
 def load_packaged_glove() -> Tuple[List[str], numpy.ndarray]:

@@ -9,18 +9,19 @@ Two sources feed a doc's units, alone or together:
 """
 import logging
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, List, Optional, Protocol, Sequence, Set, Tuple, Type, runtime_checkable
+from typing import Dict, Hashable, List, Optional, Sequence, Set, Tuple, Type
 
 import numpy
-from spacy.lang.en.stop_words import STOP_WORDS
 from spacy.tokens import Doc
 from spacy.util import registry
-from spacy.vocab import Vocab
+
+from .caption_words import content_words
+from .vectors import vector_rows
 
 OBJECT = "object"
 CAPTION = "caption"
-SOURCES = (OBJECT, CAPTION)
 OBJECT_FEATURE_DIM = 1024
 #: Name at most this many skipped inputs one by one (a corpus whose images were
 #: never downloaded would otherwise print thousands of warnings).
@@ -137,31 +138,52 @@ class DocUnits:
         return [u.meta() for u in self.units]
 
 
-@runtime_checkable
-class ObjectUnitSource(Protocol):
-    """What the pipe needs from object detection (filled by :mod:`.detection`).
+class UnitSource(ABC):
+    """What the pipe needs from a source of visual units (caption, objects).
 
-    Called with a batch of docs, returns for each doc its top-k object units
-    (``source="object"``, 1024-d vectors); an empty list where the doc has no
-    image or the image could not be used (after a warning naming the image).
+    Called with a batch of docs, a source returns each doc's units, in the order
+    of the docs; an empty list where a doc has none or its input could not be used
+    (after a warning naming it). A source that warns about skipped inputs logs, at
+    the end of each call, how many went unnamed (see :class:`SkipWarnings`).
+    Batch in, units out, as spaCy's models take docs: a source that gains from
+    batching (an encoder, a detector) batches inside its call.
     """
 
-    def __call__(self, docs: Sequence[Doc]) -> List[List[VisualUnit]]: ...
+    @property
+    def width(self) -> Optional[int]:
+        """The dimension of every unit vector; None: the width of the word vectors
+        (a source whose units are word vectors cannot know it before the vocab)."""
+        return None
+
+    @abstractmethod
+    def __call__(self, docs: Sequence[Doc]) -> List[List[VisualUnit]]:
+        """The units of each doc of ``docs``."""
 
 
-def vector_rows(vocab: Vocab, keys: numpy.ndarray) -> numpy.ndarray:
-    """Rows of ``vocab.vectors`` for lowercase keys (-1 where a key has no vector).
+class ObjectUnitSource(UnitSource):
+    """A source of object units (filled by :mod:`.detection`): each doc's top-k
+    objects of ``doc._.image`` (``source="object"``, 1024-d vectors).
 
-    Lookup is always by the lowercased form, done here rather than through
-    ``Vectors.attr``, which spaCy 3.8 does not save: the lookup the
-    model trains with is then the one it uses after ``spacy.load``.
+    Features mean something only to a model trained on the same detector's:
+    ``signature`` names that detector, and :meth:`pin_signature` restricts a loaded
+    source to the one a model was trained on.
     """
-    if vocab.vectors.shape[0] == 0 or len(keys) == 0:
-        return numpy.full((len(keys),), -1, dtype="int64")
-    return numpy.asarray(vocab.vectors.find(keys=keys), dtype="int64")
+
+    @property
+    def width(self) -> Optional[int]:
+        return OBJECT_FEATURE_DIM
+
+    @property
+    def signature(self) -> Optional[str]:
+        """The detector whose features this source reads (None: not tied to one)."""
+        return None
+
+    def pin_signature(self, signature: str) -> None:
+        """Read only the features of detector ``signature``; nothing to do for a
+        source not tied to a detector."""
 
 
-class CaptionUnits:
+class CaptionUnits(UnitSource):
     """Turn ``doc._.image_caption`` into up to ``top_k`` caption units.
 
     Each unit is a content word of the caption (stop words, punctuation, numbers
@@ -176,23 +198,18 @@ class CaptionUnits:
         self.max_chars = max_chars
         self.skipped = SkipWarnings("captions", CaptionWarning)
 
-    def report_skipped(self) -> None:
-        self.skipped.report()
+    def __call__(self, docs: Sequence[Doc]) -> List[List[VisualUnit]]:
+        units = [self.for_doc(doc) for doc in docs]
+        self.skipped.report()  # a batch ends here
+        return units
 
-    def content_words(self, caption: str) -> List[str]:
-        words: List[str] = []
-        for raw in caption[: self.max_chars].lower().split():
-            word = raw.strip(".,;:!?\"'()[]{}")
-            if word and word.isalpha() and word not in STOP_WORDS and word not in words:
-                words.append(word)
-        return words
-
-    def __call__(self, doc: Doc) -> List[VisualUnit]:
+    def for_doc(self, doc: Doc) -> List[VisualUnit]:
+        """The caption units of one doc."""
         caption = caption_of(doc, self.skipped)
         if caption is None or self.top_k == 0:
             return []
         vocab = doc.vocab
-        words = self.content_words(caption)
+        words = content_words(caption, self.max_chars)
         keys = numpy.asarray([vocab.strings.add(w) for w in words], dtype="uint64")
         rows = vector_rows(vocab, keys)
         units = []
@@ -207,5 +224,5 @@ class CaptionUnits:
 
 
 @registry.misc("spacy_agban.CaptionUnits.v1")
-def make_caption_units(top_k: int = 8) -> Callable[[Doc], List[VisualUnit]]:
+def make_caption_units(top_k: int = 8) -> CaptionUnits:
     return CaptionUnits(top_k=top_k)

@@ -9,6 +9,7 @@ from spacy.language import Language
 from spacy.training import Example
 
 import spacy_agban  # noqa: F401  (registers the component and extensions)
+from spacy_agban.visual_units import OBJECT, OBJECT_FEATURE_DIM, ObjectUnitSource, VisualUnit
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -114,12 +115,10 @@ def caption_pipeline(tmp_path_factory) -> Tuple[Language, Path]:
     return nlp, path
 
 
-class FakeObjects:
+class FakeObjects(ObjectUnitSource):
     """An object source with a distinct, fixed 1024-d feature per image name."""
 
     def __call__(self, docs):
-        from spacy_agban.visual_units import OBJECT, OBJECT_FEATURE_DIM, VisualUnit
-
         result = []
         for doc in docs:
             image = doc._.image

@@ -52,14 +52,14 @@ def test_bad_images_and_captions_are_error_rows_and_the_rest_is_tagged(objects_m
     # a caption the pipeline itself fails on: that post is retried without it
     from spacy_agban.visual_units import CaptionUnits
 
-    original = CaptionUnits.__call__
+    original = CaptionUnits.for_doc
 
     def fragile(self, doc):
         if (doc._.image_caption or "").startswith("boom"):
             raise RuntimeError("caption exploded")
         return original(self, doc)
 
-    monkeypatch.setattr(CaptionUnits, "__call__", fragile)
+    monkeypatch.setattr(CaptionUnits, "for_doc", fragile)
     result = run_local(str(model), write_jsonl(tmp_path / "posts.jsonl", lines), tmp_path / "out",
                        part_size=4, batch_size=3, progress=False)
     out = {r["id"]: r for r in read_output(tmp_path / "out")}

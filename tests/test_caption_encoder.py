@@ -18,14 +18,14 @@ def encoder() -> CaptionEncoderUnits:
 
 def test_units_are_the_sentence_then_content_words(encoder):
     nlp = spacy.blank("en")
-    units = encoder(make_doc(nlp, "x", "A man, smiling at the camera and the man's dog."))
+    (units,) = encoder([make_doc(nlp, "x", "A man, smiling at the camera and the man's dog.")])
     assert [u.label for u in units] == [SENTENCE_LABEL, "man", "smiling", "camera"]
     assert all(u.vector.shape == (encoder.width,) and u.vector.dtype == numpy.float32 for u in units)
     assert encoder.width == 384
 
 
 def test_sentence_unit_is_mean_pooling_and_batching_changes_nothing(encoder):
-    """The <caption> unit is sentence-transformers' mean pooling; prefetch = one by one."""
+    """The <caption> unit is sentence-transformers' mean pooling; a batch = one by one."""
     from transformers import AutoModel, AutoTokenizer
 
     path = str(minilm.get_model_path())
@@ -36,11 +36,8 @@ def test_sentence_unit_is_mean_pooling_and_batching_changes_nothing(encoder):
     expected = states[0].mean(dim=0).numpy()
     nlp = spacy.blank("en")
     captions = ["a dog playing on the grass", "the eiffel tower at night, lit up in gold"]
-    single = [CaptionEncoderUnits(path)(make_doc(nlp, "x", c)) for c in captions]
-    batched_encoder = CaptionEncoderUnits(path)
-    docs = [make_doc(nlp, "x", c) for c in captions]
-    batched_encoder.prefetch(docs)
-    batched = [batched_encoder(d) for d in docs]
+    single = [CaptionEncoderUnits(path)([make_doc(nlp, "x", c)])[0] for c in captions]
+    batched = CaptionEncoderUnits(path)([make_doc(nlp, "x", c) for c in captions])
     numpy.testing.assert_allclose(single[0][0].vector, expected, atol=1e-5)
     for one, many in zip(single, batched):  # padding in the batch must not leak in
         assert [u.label for u in one] == [u.label for u in many]
@@ -51,15 +48,15 @@ def test_sentence_unit_is_mean_pooling_and_batching_changes_nothing(encoder):
 
 def test_no_caption_gives_no_units_and_bad_input_is_explained(encoder):
     nlp = spacy.blank("en")
-    assert encoder(make_doc(nlp, "x", None)) == []
-    assert encoder(make_doc(nlp, "x", "")) == []
-    assert [u.label for u in encoder(make_doc(nlp, "x", "!!! ..."))] == [SENTENCE_LABEL]
+    assert encoder([make_doc(nlp, "x", None), make_doc(nlp, "x", "")]) == [[], []]
+    (units,) = encoder([make_doc(nlp, "x", "!!! ...")])
+    assert [u.label for u in units] == [SENTENCE_LABEL]
     for bad in (42, 0, 2.5, ["a", "dog"], b"a dog"):  # one doc's mistake, not the batch's
         doc = make_doc(nlp, f"bad caption {bad!r}")
         doc._.image_caption = bad
         with pytest.warns(CaptionWarning, match=f"bad caption.*must be a string, not {type(bad).__name__}"):
-            encoder.prefetch([doc, make_doc(nlp, "y", "a dog")])
-            assert encoder(doc) == []
+            bad_units, good_units = encoder([doc, make_doc(nlp, "y", "a dog")])
+        assert bad_units == [] and [u.label for u in good_units] == [SENTENCE_LABEL, "dog"]
     with pytest.raises(ValueError, match="nothing is fetched"):
         CaptionEncoderUnits("sentence-transformers/all-MiniLM-L6-v2")
 
@@ -68,7 +65,7 @@ def test_cache_is_bounded(encoder):
     nlp = spacy.blank("en")
     small = CaptionEncoderUnits(str(minilm.get_model_path()))
     small.cache_size = 2
-    small.prefetch([make_doc(nlp, "x", f"a photo of {w}") for w in ("dogs", "cats", "birds")])
+    small([make_doc(nlp, "x", f"a photo of {w}") for w in ("dogs", "cats", "birds")])
     assert list(small._cache) == ["a photo of cats", "a photo of birds"]
 
 

@@ -18,7 +18,6 @@ from spacy_agban.detection.detector import RandomWeightsWarning, make_fasterrcnn
 from spacy_agban.detection.images import ImageLoader, ImageWarning
 from spacy_agban.detection.object_units import ObjectUnits
 from spacy_agban.detection.store import Detections, FeatureStore
-from spacy_agban.extensions import install_extensions
 from spacy_agban.visual_units import OBJECT, VisualUnit
 
 IMAGES = Path(__file__).resolve().parents[1] / "assets" / "twitter2015" / "images"
@@ -70,7 +69,6 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def nlp():
-    install_extensions()
     return spacy.blank("en")
 
 

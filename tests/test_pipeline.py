@@ -1,16 +1,23 @@
 """The agban component end to end on a tiny model (after spaCy's test_ner overfitting)."""
+import pickle
+
 import numpy
 import pytest
 import torch
 import spacy
+import srsly
 from PIL import Image
+from spacy.cli.init_pipeline import _init_labels
 from spacy.tokens import DocBin
 from spacy.training import Example
 
 from conftest import (
     CAPTION_POSTS, TEXT_POSTS, ents, make_doc, make_examples, make_nlp, train,
 )
-from spacy_agban.visual_units import CaptionUnits, CaptionWarning, SkipWarnings
+from spacy_agban.architectures import get_module
+from spacy_agban.visual_units import (
+    CAPTION, CaptionUnits, CaptionWarning, SkipWarnings, UnitSource, VisualUnit,
+)
 
 
 def test_overfit_with_caption_units_then_reload(caption_pipeline):
@@ -23,6 +30,130 @@ def test_overfit_with_caption_units_then_reload(caption_pipeline):
     docs2 = [reloaded(make_doc(reloaded, text, caption)) for text, caption, _ in CAPTION_POSTS]
     assert [ents(d) for d in docs2] == expected
     assert docs2[0]._.visual_units == docs[0]._.visual_units
+
+
+def one_thread_torch():
+    """PyTorch's OpenMP thread pool does not survive fork: with more than one torch
+    thread a forked worker can hang on its first parallel op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+def test_overfit_pipeline_survives_bytes_pickle_and_worker_processes(caption_pipeline):
+    """As for spaCy's own pipes: nlp.to_bytes into a blank pipeline of the same config,
+    a pickled nlp, and nlp.pipe in two processes all tag as the trained pipeline."""
+    nlp, _ = caption_pipeline
+    expected = [entities for _, _, entities in CAPTION_POSTS]
+
+    def tagged(pipeline, **kwargs):
+        docs = [make_doc(pipeline, text, caption) for text, caption, _ in CAPTION_POSTS]
+        return [ents(doc) for doc in pipeline.pipe(docs, **kwargs)]
+
+    from_bytes = spacy.blank("en", config=nlp.config).from_bytes(nlp.to_bytes())
+    assert tagged(from_bytes) == expected
+    assert tagged(pickle.loads(pickle.dumps(nlp))) == expected
+    threads = one_thread_torch()
+    try:
+        assert tagged(from_bytes, n_process=2, batch_size=2) == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_serialization_honours_exclude(caption_pipeline, tmp_path):
+    nlp, path = caption_pipeline
+    pipe = nlp.get_pipe("agban")
+    assert set(srsly.msgpack_loads(pipe.to_bytes(exclude=["model"]))) == {"cfg"}
+    pipe.to_disk(tmp_path / "agban", exclude=["model"])
+    assert [p.name for p in (tmp_path / "agban").iterdir()] == ["cfg"]
+    fresh_nlp = make_nlp()
+    fresh = fresh_nlp.get_pipe("agban")
+    fresh.from_bytes(pipe.to_bytes(), exclude=["model"])
+    assert fresh.labels == pipe.labels and not fresh.is_initialized
+    fresh.cfg["max_words"] = 7  # read only from a saved cfg
+    fresh.from_disk(path / "agban", exclude=["cfg"])
+    assert fresh.is_initialized and fresh.cfg["max_words"] == 7
+    fresh.from_disk(path / "agban")
+    assert fresh.cfg == pipe.cfg
+    docs = [fresh_nlp(make_doc(fresh_nlp, text, caption)) for text, caption, _ in CAPTION_POSTS]
+    assert [ents(d) for d in docs] == [entities for _, _, entities in CAPTION_POSTS]
+
+
+def test_labels_from_init_labels_or_from_the_examples(caption_pipeline, tmp_path):
+    """`spacy init labels` saves label_data; [initialize.components.agban.labels] reads it
+    back, as for spaCy's ner. Without it, the labels are the examples' entity types."""
+    nlp, _ = caption_pipeline
+    assert nlp.get_pipe("agban").label_data == ["LOC", "MISC", "ORG", "PER"]
+    _init_labels(nlp, tmp_path)
+    labels = srsly.read_json(tmp_path / "agban.json")
+    srsly.write_json(tmp_path / "agban.json", labels + ["EVENT"])  # a type the examples lack
+    fresh = make_nlp()
+    fresh.config["initialize"]["components"]["agban"] = {
+        "labels": {"@readers": "spacy.read_labels.v1", "path": str(tmp_path / "agban.json")}
+    }
+    examples = make_examples(fresh, CAPTION_POSTS[:1])
+    fresh.initialize(lambda: examples)
+    pipe = fresh.get_pipe("agban")
+    assert pipe.labels == ("EVENT", "LOC", "MISC", "ORG", "PER")
+    assert pipe.tags[:3] == ["O", "B-EVENT", "I-EVENT"]
+    default = make_nlp()
+    default.initialize(lambda: make_examples(default, CAPTION_POSTS[:1]))
+    assert default.get_pipe("agban").labels == ("MISC",)
+
+
+def test_update_sets_the_dropout_rate_to_its_drop():
+    """As spaCy's pipes: ``drop`` is the dropout of that update, whatever the config says."""
+    from thinc.api import fix_random_seed
+
+    nlp = make_nlp(visual_dropout=0.0)  # the tiny model's dropout is 0
+    examples = make_examples(nlp, CAPTION_POSTS)
+    nlp.initialize(lambda: examples)
+    pipe = nlp.get_pipe("agban")
+
+    def loss(drop: float) -> float:
+        fix_random_seed(0)
+        return pipe.update(examples, drop=drop)["agban"]  # no optimizer: the weights stay
+
+    assert loss(0.0) == loss(0.0)
+    assert loss(0.5) != loss(0.0)
+    loss(0.25)
+    module = get_module(pipe.model)
+    assert module.text.dropout.p == module.output.dropout.p == 0.25
+    assert module.discriminator.layers[2].p == 0.0  # its own rate, not `dropout`'s
+
+
+class SentenceLength(UnitSource):
+    """A caption source of its own width: one unit per captioned doc."""
+
+    def __init__(self):
+        self.batches = []
+
+    @property
+    def width(self):
+        return 5
+
+    def __call__(self, docs):
+        self.batches.append(len(docs))
+        return [
+            [VisualUnit(CAPTION, numpy.full(5, len(doc), "float32"), "length")] if doc._.image_caption else []
+            for doc in docs
+        ]
+
+
+def test_unit_sources_share_one_interface():
+    """The pipe asks a source for a batch's units and its width, nothing else."""
+    nlp = make_nlp()
+    pipe = nlp.get_pipe("agban")
+    pipe.caption_units = source = SentenceLength()
+    examples = make_examples(nlp, CAPTION_POSTS)
+    nlp.initialize(lambda: examples)
+    assert pipe.cfg["unit_dims"] == {"caption": 5}
+    source.batches.clear()
+    docs = list(nlp.pipe([make_doc(nlp, text, caption) for text, caption, _ in CAPTION_POSTS], batch_size=4))
+    assert source.batches == [4]
+    assert [d._.visual_units for d in docs] == [[{"source": "caption", "label": "length", "score": None, "box": None}]] * 4
+    with pytest.raises(TypeError, match="UnitSource"):
+        type(pipe)(nlp.vocab, pipe.model, caption_units=lambda doc: [])
 
 
 def test_overfit_text_only_then_reload(tmp_path):
@@ -252,9 +383,9 @@ def test_skipped_captions_past_the_limit_are_counted_and_logged(caption_pipeline
     for doc in docs:
         doc._.image_caption = 1
     with pytest.warns(CaptionWarning) as record:
-        assert [units(doc) for doc in docs] == [[]] * 13
+        assert [units.for_doc(doc) for doc in docs] == [[]] * 13
     assert len(record) == 11 and "further captions are skipped" in str(record[-1].message)
-    units.report_skipped()
+    units.skipped.report()
     assert "3 more captions could not be used" in caplog.text and "(13 in all so far)" in caplog.text
     # Inside the pipe, the count is logged at the end of each batch.
     caplog.clear()
@@ -277,10 +408,7 @@ def test_n_process_takes_path_images_and_explains_in_memory_ones(caption_pipelin
         return result
 
     single = list(nlp.pipe(docs(image)))
-    # PyTorch's OpenMP thread pool does not survive fork: with more than one torch thread a
-    # forked worker can hang on its first parallel op, so n_process > 1 needs one thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = one_thread_torch()
     try:
         multi = list(nlp.pipe(docs(image), n_process=2, batch_size=2))
     finally:

@@ -106,7 +106,9 @@ def test_source_dropout_masks_one_source_of_docs_with_several():
     batch.unit_masks["object"] = torch.ones(2000, 1, dtype=torch.bool)
     batch.unit_masks["object"][1000:] = False  # these docs have the caption alone
     torch.manual_seed(6)
-    mask = module.features(batch).unit_mask  # caption columns first, then the object
+    out = module.features(batch)
+    assert out.unit_sources == ["caption", "caption", "object"]  # the columns of unit_mask
+    mask = out.unit_mask
     caption_kept, object_kept = mask[:, :2].any(dim=1), mask[:, 2]
     assert bool(caption_kept[1000:].all())  # one source only: never dropped
     assert abs(caption_kept[:1000].float().mean().item() - 0.5) < 0.06

@@ -33,6 +33,7 @@ import numpy
 
 from ..detection.images import ImageLoader, ImageLoadError, ImageSource, is_url
 from ..detection.store import Detections
+from ..visual_units import ObjectUnitSource
 
 Batch = Dict[str, List[Any]]
 
@@ -322,7 +323,7 @@ def uses_objects(nlp: Any) -> bool:
     return any(OBJECT in pipe.cfg.get("unit_dims", {}) for pipe in agban_pipes(nlp))
 
 
-class ColumnObjects:
+class ColumnObjects(ObjectUnitSource):
     """An object-unit source that hands the pipe the units computed by :func:`detect`
     (kept on each doc's ``user_data``), so ``nlp.pipe`` never detects again."""
 
@@ -373,9 +374,6 @@ def tag(batch: Batch, nlp: Any, batch_size: int = 64,
     one by one, each first as it is, then without its caption, then without its
     objects: the post keeps what works and gets an error naming what did not.
     """
-    from ..extensions import install_extensions
-
-    install_extensions()
     if hook is not None:
         hook(batch)
     n = len(batch["id"])

@@ -29,9 +29,6 @@ def list_docbin_images(path: Path) -> List[str]:
     import spacy
     from spacy.tokens import DocBin
 
-    from ..extensions import install_extensions
-
-    install_extensions()  # the values come back only onto registered extensions
     docbin = DocBin(store_user_data=True).from_disk(path)
     refs = (doc._.image for doc in docbin.get_docs(spacy.blank("en").vocab))
     return list(dict.fromkeys(ref for ref in refs if isinstance(ref, str) and ref))

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
-import numpy
 import torch
 from PIL import Image
 from spacy.util import registry
@@ -346,20 +345,6 @@ class RCNNDetector:
                 )
             )
         return results
-
-    def box_features(self, image: torch.Tensor, boxes: numpy.ndarray) -> numpy.ndarray:
-        """Box-head features of given boxes (original image coordinates) in one image.
-
-        An independent path (no RPN, no postprocessing) used to check features.
-        """
-        batch, size, original = self._prepare(image)
-        scaled = resize_boxes(torch.as_tensor(boxes, dtype=torch.float32, device=self.device), list(original), list(size))
-        with torch.inference_mode():
-            features = self.model.backbone(batch)
-            if isinstance(features, torch.Tensor):
-                features = OrderedDict([("0", features)])
-            heads = self.model.roi_heads
-            return heads.box_head(heads.box_roi_pool(features, [scaled], [size])).float().cpu().numpy()
 
 
 def signature_key(signature: Dict[str, Any]) -> str:

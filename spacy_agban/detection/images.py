@@ -20,7 +20,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy
 from PIL import Image, ImageOps
@@ -338,8 +338,3 @@ def pad_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Imag
     padded = Image.new("RGB", (new_width, new_height), (0, 0, 0))
     padded.paste(image, (0, 0))
     return padded
-
-
-def loader_config(loader: ImageLoader) -> Dict[str, Any]:
-    """The loader settings that change features (part of the store signature)."""
-    return {"max_side": loader.max_side, "max_aspect": MAX_ASPECT}

@@ -17,8 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from spacy.tokens import Doc
 from spacy.util import registry
 
-from ..extensions import install_extensions
-from ..visual_units import MAX_WARNINGS, OBJECT, SkipWarnings, VisualUnit
+from ..visual_units import MAX_WARNINGS, OBJECT, ObjectUnitSource, SkipWarnings, VisualUnit
 from .detector import RCNNDetector
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -50,8 +49,8 @@ class Outcome:
     kind: Optional[str] = None
 
 
-class ObjectUnits:
-    """Implements :class:`spacy_agban.visual_units.ObjectUnitSource`."""
+class ObjectUnits(ObjectUnitSource):
+    """Object units from a feature store, a detector, or both."""
 
     def __init__(
         self,
@@ -72,7 +71,6 @@ class ObjectUnits:
         if detector is None and isinstance(store, (str, Path)) and not Path(store).is_file():
             # Read-only: fail at load time rather than create an empty store.
             raise FileNotFoundError(missing_store_message(Path(store)))
-        install_extensions()
         self._store_arg = store
         self._store: Optional[FeatureStore] = store if isinstance(store, FeatureStore) else None
         self.detector = detector
@@ -161,7 +159,7 @@ class ObjectUnits:
             f"configure object units with signature = one of {sorted(known)}"
         )
 
-    # -- ObjectUnitSource -------------------------------------------------------
+    # -- UnitSource -------------------------------------------------------------
 
     def __call__(self, docs: Sequence[Doc]) -> List[List[VisualUnit]]:
         refs = [doc._.get("image") for doc in docs]

@@ -38,7 +38,8 @@ class Output:
     tags: Optional[List[List[int]]] = None
     attention: Optional[torch.Tensor] = None  # (B, T, K)
     gate: Optional[torch.Tensor] = None  # (B, T, d)
-    unit_mask: Optional[torch.Tensor] = None  # (B, K) the units the fusion saw
+    unit_mask: Optional[torch.Tensor] = None  # (B, K) the units the fusion saw (not padding, not dropped)
+    unit_sources: Optional[List[str]] = None  # (K,) the source of each unit column
     text_features: Optional[torch.Tensor] = None  # G_T (B, T, d)
     visual_features: Optional[torch.Tensor] = None  # G_V (B, K, d)
 
@@ -125,6 +126,15 @@ class AGBANModule(nn.Module):
     def unit_sources(self) -> List[str]:
         return list(self.visual.inputs) if self.visual is not None else []
 
+    def set_dropout(self, rate: float) -> None:
+        """The rate of the dropout layers that ``dropout`` sizes (text, visual, CRF);
+        the discriminator's and the modality dropout keep their own."""
+        layers = [self.text.dropout, self.output.dropout]
+        if self.visual is not None:
+            layers.extend(m for m in self.visual.modules() if isinstance(m, nn.Dropout))
+        for layer in layers:
+            layer.p = rate
+
     def drop_units(self, unit_masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Modality dropout: hide all units of some docs, and some sources of others.
 
@@ -169,6 +179,7 @@ class AGBANModule(nn.Module):
             unit_masks = self.drop_units(unit_masks)
         unit_mask = torch.cat([unit_masks[s] for s in sources], dim=1)
         out.unit_mask, out.visual_features = unit_mask, g_v
+        out.unit_sources = [s for s in sources for _ in range(unit_masks[s].shape[1])]
         if self.discriminator is not None and self.reversal is not None:
             if self.training:
                 self.reversal.lam = dann_lambda(self.grl_lambda, self.train_steps, self.grl_warmup_steps)
