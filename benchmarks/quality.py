@@ -132,21 +132,23 @@ def train(run: Run, config: Path, out_dir: Path, overrides: Dict[str, object]) -
     return seconds
 
 
-def evaluate(model: Path, test: Path, output: Path) -> Dict:
-    cmd = [sys.executable, "-m", "spacy", "evaluate", str(model), str(test), "--output", str(output)]
+def _evaluate_with(module: str, model: Path, data: Path, output: Path) -> Dict:
+    """``python -m <module> evaluate MODEL DATA --output OUTPUT``; the scores it wrote."""
+    cmd = [sys.executable, "-m", module, "evaluate", str(model), str(data), "--output", str(output)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
-        raise RuntimeError(f"spacy evaluate failed for {model}:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"{module} evaluate failed for {model}:\n{result.stderr[-2000:]}")
     return srsly.read_json(output)
+
+
+def evaluate(model: Path, test: Path, output: Path) -> Dict:
+    """``spacy evaluate``: the scores with the stored visual context."""
+    return _evaluate_with("spacy", model, test, output)
 
 
 def evaluate_two_ways(model: Path, data: Path, output: Path) -> Dict:
     """Scores with the stored visual context and with it removed (spacy_agban evaluate)."""
-    cmd = [sys.executable, "-m", "spacy_agban", "evaluate", str(model), str(data), "--output", str(output)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0:
-        raise RuntimeError(f"spacy_agban evaluate failed for {model}:\n{result.stderr[-2000:]}")
-    return srsly.read_json(output)
+    return _evaluate_with("spacy_agban", model, data, output)
 
 
 def prf(scores: Dict) -> Dict:
