@@ -8,11 +8,12 @@ import spacy
 import torch
 import typer
 from spacy.attrs import LOWER
+from spacy.tokens import DocBin
 from torchcrf import CRF
 
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
 from spacy_agban.baseline import STATIC_VECTORS
-from benchmarks import quality, speed
+from benchmarks import quality, shuffled_captions, speed
 from spacy_agban.featurize import Featurizer, batch_static_vectors, char_ids
 from spacy_agban.model.crf import viterbi_decode
 from spacy_agban.visual_units import DocUnits
@@ -249,3 +250,28 @@ def test_rows_are_configs_or_their_variants(tmp_path):
     assert quality.config_top_k("concat_paper") == quality.config_top_k("agban") == 8
     with pytest.raises(typer.BadParameter, match="no config for row 'nope'"):
         quality.row_config("nope")
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 101])
+def test_derangement_moves_every_post(n):
+    order = shuffled_captions.derangement(n, seed=n)
+    assert sorted(order) == list(range(n))
+    assert all(i != j for i, j in enumerate(order))
+
+
+def test_shuffled_context_keeps_text_and_entities(tmp_path):
+    nlp = make_nlp()
+    refs = [eg.reference for eg in make_examples(nlp, CAPTION_POSTS)]
+    for i, doc in enumerate(refs):
+        doc._.image = f"img{i}.jpg"
+    source, target = tmp_path / "real.spacy", tmp_path / "shuffled.spacy"
+    DocBin(docs=refs, store_user_data=True).to_disk(source)
+    posts, _ = shuffled_captions.shuffle_context(source, target, seed=0)
+    shuffled = list(DocBin(store_user_data=True).from_disk(target).get_docs(nlp.vocab))
+    assert posts == len(refs) == len(shuffled)
+    pairs = {(doc._.image, doc._.image_caption) for doc in refs}
+    for i, (real, new) in enumerate(zip(refs, shuffled)):
+        assert new.text == real.text
+        assert [(e.start, e.end, e.label_) for e in new.ents] == [(e.start, e.end, e.label_) for e in real.ents]
+        assert new._.image != real._.image  # another post's context ...
+        assert (new._.image, new._.image_caption) in pairs  # ... moved whole, image with caption
