@@ -270,7 +270,7 @@ def test_shuffled_context_keeps_text_and_entities(tmp_path):
     shuffled = list(DocBin(store_user_data=True).from_disk(target).get_docs(nlp.vocab))
     assert posts == len(refs) == len(shuffled)
     pairs = {(doc._.image, doc._.image_caption) for doc in refs}
-    for i, (real, new) in enumerate(zip(refs, shuffled)):
+    for real, new in zip(refs, shuffled):
         assert new.text == real.text
         assert [(e.start, e.end, e.label_) for e in new.ents] == [(e.start, e.end, e.label_) for e in real.ents]
         assert new._.image != real._.image  # another post's context ...

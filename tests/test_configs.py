@@ -119,3 +119,20 @@ def test_object_speed_script_says_what_its_config_measures():
     assert agban["caption_units"] is None and agban["object_units"]
     assert "object units only" in script and "caption and object units" not in script
     assert "3 + up to 8 units" not in script
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "trf" in p.stem], ids=lambda p: p.stem)
+def test_trf_schedules_end_on_a_dev_evaluation(path):
+    """spaCy scores dev every eval_frequency steps: the last step (the end of the decaying
+    learning rate) must be one of them, which max_epochs cannot promise."""
+    training = load_config(path, interpolate=False)["training"]
+    total = training["optimizer"]["learn_rate"]["total_steps"]
+    assert training["max_epochs"] == 0
+    assert training["max_steps"] == total
+    assert total % training["eval_frequency"] == 0
+
+
+def test_caption_input_fusion_head_trains_for_posts_without_units():
+    model = load_config(ROOT / "configs" / "agban_trf_caption.cfg", interpolate=False)["components"]["agban"]["model"]
+    assert model["@architectures"] == "spacy_agban.AGBAN.v3"
+    assert model["visual_dropout"] > 0 and model["cross_view"] > 0
