@@ -98,7 +98,9 @@ def make_pipeline(work: Path, min_size: int) -> Path:
     units = {"@misc": "spacy_agban.ObjectUnits.v1", "store": str(work / "objects.sqlite"),
              "image_root": str(work / "images"), "top_k": 3,
              "detector": {"@misc": "spacy_agban.FasterRCNNMobileNetDetector.v1", "weights": str(weights), **detector}}
-    nlp.add_pipe("agban", config={"object_units": units})  # the default (full-size) model
+    # the paper's full-size AGBAN over objects (the default of configs/agban_objects.cfg)
+    model = {"fusion": "gban", "adversarial": True}
+    nlp.add_pipe("agban", config={"model": model, "object_units": units})
     examples = []
     for i, (name, label) in enumerate(NAMES):
         doc = nlp.make_doc(f"Great day with {name} today")

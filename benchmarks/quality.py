@@ -74,18 +74,19 @@ VARIANTS = "variants.yml"
 
 
 def row_config(row: str, configs: Path = ROOT / "configs") -> Tuple[Path, Dict[str, object]]:
-    """The config a row trains with and its overrides: configs/<row>.cfg, or a variant of
-    another config named in configs/variants.yml."""
-    path = configs / f"{row}.cfg"
-    if path.exists():
-        return path, {}
+    """The config a row trains with and its overrides: a variant named in
+    configs/variants.yml (a Table III row: ``agban`` is the paper's model, whatever
+    configs/agban.cfg defaults to), else configs/<row>.cfg."""
     variants = srsly.read_yaml(configs / VARIANTS) if (configs / VARIANTS).exists() else {}
-    if row not in variants:
+    if row in variants:
+        variant = variants[row]
+        return configs / f"{variant['base']}.cfg", dict(variant.get("overrides", {}))
+    path = configs / f"{row}.cfg"
+    if not path.exists():
         raise typer.BadParameter(
-            f"no config for row {row!r}: neither {path} nor a variant in {configs / VARIANTS}"
+            f"no config for row {row!r}: neither a variant in {configs / VARIANTS} nor {path}"
         )
-    variant = variants[row]
-    return configs / f"{variant['base']}.cfg", dict(variant.get("overrides", {}))
+    return path, {}
 
 
 def config_top_k(row: str, configs: Path = ROOT / "configs") -> Optional[int]:

@@ -34,7 +34,7 @@ DEFAULT_MODELS = [
     "agban=training/runs/agban-s0/model-best",
     "spacy_ner=training/bench/spacy_ner-s0/model-best",
 ]
-DEFAULT_TRAIN = ["text=configs/bilstm_crf.cfg", "agban=configs/agban.cfg",
+DEFAULT_TRAIN = ["text=configs/bilstm_crf.cfg", "default=configs/agban.cfg",
                  "spacy_ner=configs/spacy_ner.cfg"]
 RESULT_PREFIX = "BENCH-RESULT "
 

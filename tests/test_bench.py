@@ -243,10 +243,14 @@ def test_quality_table_shows_the_score_without_visual_context():
 
 
 def test_rows_are_configs_or_their_variants(tmp_path):
-    assert quality.row_config("agban") == (quality.ROOT / "configs" / "agban.cfg", {})
+    assert quality.row_config("bilstm_crf") == (quality.ROOT / "configs" / "bilstm_crf.cfg", {})
     path, overrides = quality.row_config("concat")
     assert path.name == "agban.cfg"
     assert overrides == {"components.agban.model.fusion": "concat", "components.agban.model.adversarial": False}
+    # the agban row is the paper's model, whatever configs/agban.cfg defaults to
+    path, overrides = quality.row_config("agban")
+    assert path.name == "agban.cfg"
+    assert overrides == {"components.agban.model.fusion": "gban", "components.agban.model.adversarial": True}
     assert quality.config_top_k("concat_paper") == quality.config_top_k("agban") == 8
     with pytest.raises(typer.BadParameter, match="no config for row 'nope'"):
         quality.row_config("nope")

@@ -79,7 +79,7 @@ def object_model(tmp_path_factory):
     nlp = make_nlp()  # the tiny model and vectors; its agban pipe is swapped for one with objects
     nlp.remove_pipe("agban")
     nlp.add_pipe("agban", config={
-        "model": TINY_MODEL,
+        "model": {**TINY_MODEL, "fusion": "gban", "adversarial": True},  # attention to draw
         "caption_units": {"@misc": "spacy_agban.CaptionUnits.v1", "top_k": 3},
         "object_units": object_units,
     })

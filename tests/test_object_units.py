@@ -461,7 +461,7 @@ def test_object_units_in_the_pipe_call_pipe_and_reload(tmp_path: Path, root: Pat
     units_config = {"@misc": "spacy_agban.ObjectUnits.v1", "store": str(store),
                     "image_root": str(root), "signature": filler.signature}
     nlp = spacy.blank("en")
-    nlp.add_pipe("agban", config={"model": {**TINY_MODEL, "fusion": "gban"},
+    nlp.add_pipe("agban", config={"model": {**TINY_MODEL, "fusion": "gban", "adversarial": True},
                                   "caption_units": None, "object_units": units_config})
 
     def docs_of(pipeline, with_images: bool = True) -> List[Doc]:
@@ -505,7 +505,7 @@ def test_a_saved_pipeline_reads_only_its_detectors_features(tmp_path: Path, root
     trained_sig = filler.signature
     units_config = {"@misc": "spacy_agban.ObjectUnits.v1", "store": str(store), "image_root": str(root)}
     nlp = spacy.blank("en")
-    nlp.add_pipe("agban", config={"model": {**TINY_MODEL, "fusion": "gban"},
+    nlp.add_pipe("agban", config={"model": {**TINY_MODEL, "fusion": "gban", "adversarial": True},
                                   "caption_units": None, "object_units": units_config})
 
     def docs_of(pipeline) -> List[Doc]:
