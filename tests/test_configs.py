@@ -139,7 +139,11 @@ def test_object_speed_script_says_what_its_config_measures():
     assert "3 + up to 8 units" not in script
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "trf" in p.stem], ids=lambda p: p.stem)
+# the configs whose token features come from a transformer
+TRF_CONFIGS = [p for p in CONFIGS if "transformer" in load_config(p, interpolate=False)["paths"]]
+
+
+@pytest.mark.parametrize("path", TRF_CONFIGS, ids=lambda p: p.stem)
 def test_trf_schedules_end_on_a_dev_evaluation(path):
     """spaCy scores dev every eval_frequency steps: the last step (the end of the decaying
     learning rate) must be one of them, which max_epochs cannot promise."""
@@ -150,7 +154,18 @@ def test_trf_schedules_end_on_a_dev_evaluation(path):
     assert total % training["eval_frequency"] == 0
 
 
-def test_caption_input_fusion_head_trains_for_posts_without_units():
-    model = load_config(ROOT / "configs" / "agban_trf_caption.cfg", interpolate=False)["components"]["agban"]["model"]
+@pytest.mark.parametrize("name", ["agban_trf_caption", "accurate"])
+def test_caption_input_fusion_head_trains_for_posts_without_units(name):
+    model = load_config(ROOT / "configs" / f"{name}.cfg", interpolate=False)["components"]["agban"]["model"]
     assert model["@architectures"] == "spacy_agban.AGBAN.v3"
     assert model["visual_dropout"] > 0 and model["cross_view"] > 0
+
+
+@pytest.mark.parametrize("path", TRF_CONFIGS, ids=lambda p: p.stem)
+def test_trf_configs_see_case(path):
+    """The shipped MiniLM and GloVe 6B are lowercase: the char BiLSTM (and the word
+    features beside it) are what tell the head a word was capitalized, in the text-only
+    and the multimodal transformer rows alike."""
+    model = load_config(path, interpolate=False)["components"]["agban"]["model"]
+    assert model["char_dim"] > 0 and model["char_hidden"] > 0
+    assert model["use_word_features"] is True
