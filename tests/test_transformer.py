@@ -23,7 +23,13 @@ POSTS: List[Post] = [
 TWEET = "Loving  #NewYork with @JohnDoe 😀🔥 https://t.co/AbC12 👍🏽 🇺🇸 café"
 
 
+# the shipped trf configs add the char BiLSTM and word features (case); these tests
+# check the transformer-only head, the path a larger cased encoder would use alone
+TRANSFORMER_ONLY = {"use_word_features": False, "char_dim": 0}
+
+
 def build_nlp(config_path=CONFIG, **model) -> Language:
+    model = {**TRANSFORMER_ONLY, **model}
     return build_trf_nlp(config_path, model, overrides={"paths.transformer": str(minilm.get_model_path())})
 
 
