@@ -552,3 +552,41 @@ def test_a_saved_pipeline_reads_only_its_detectors_features(tmp_path: Path, root
 @registry.misc("tests.FakeDetector.v1")
 def make_fake_detector(tag: str = "a") -> FakeDetector:
     return FakeDetector(tag=tag)
+
+
+def test_paths_the_os_cannot_resolve_cost_only_their_doc(root: Path, nlp) -> None:
+    good = colored(root, "good.png")
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    bad = ["good.png\x00x", "loop_a", "loop_a/x.jpg"]
+    for detector in (FakeDetector(), None):
+        store = None if detector else root.parent / "empty.sqlite"
+        if store is not None:
+            FeatureStore(store).register_signature("s", {})
+        source = ObjectUnits(store=store, detector=detector, image_root=root)
+        with pytest.warns(ImageWarning) as record:
+            units = source(make_docs(nlp, [good] + bad))
+        messages = [str(w.message) for w in record if "Skipping image" in str(w.message)]
+        assert len(messages) == len(bad)
+        for name, message in zip(bad, messages):
+            assert repr(name) in message
+        if detector is not None:
+            assert len(units[0]) == 3 and units[1:] == [[], [], []]
+
+
+def test_a_damaged_store_entry_is_detected_again(root: Path, tmp_path: Path, nlp) -> None:
+    import sqlite3
+
+    names = [colored(root, "a.png"), colored(root, "b.png", (10, 200, 10))]
+    store = tmp_path / "f.sqlite"
+    first = ObjectUnits(store=store, detector=FakeDetector(), image_root=root)
+    units = first(make_docs(nlp, names))
+    with sqlite3.connect(store) as conn:
+        conn.execute("UPDATE detections SET n = 5 WHERE rowid = (SELECT MIN(rowid) FROM detections)")
+    again = ObjectUnits(store=store, detector=FakeDetector(), image_root=root)
+    with pytest.warns(UserWarning, match="image key .* is damaged"):
+        assert as_tuples(again(make_docs(nlp, names))) == as_tuples(units)
+    assert (again.n_detector_images, again.n_store_hits) == (1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new entry replaced the damaged one
+        assert as_tuples(again(make_docs(nlp, names))) == as_tuples(units)
