@@ -187,3 +187,16 @@ def test_stages_that_cannot_be_scheduled_fail_with_a_message() -> None:
     check_resources(Cluster(CPU=3), options, 1.0, detect=False)  # no detection: no GPU asked
     assert as_uri(Path("s3://bucket/features")) == "s3://bucket/features"
     assert as_uri(Path("relative/features")) == "relative/features"
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path) -> None:
+    from spacy_agban.batch.posts import count_posts, iter_posts
+
+    source = tmp_path / "posts.jsonl"
+    source.write_bytes(b'{"id": 1,\r "text": "Obama"}\r\n{"id": 2, "text": "Boston\\r"}\n\n{"id": 3,\r\r "text": "x"}')
+    (batch,) = list(iter_posts(source, core.PostColumns(), block=10))
+    assert batch["id"] == ["1", "2", "3"] and batch["errors"] == [[], [], []]
+    assert batch["text"] == ["Obama", "Boston\r", "x"]
+    assert count_posts([source], "jsonl") == 3
+    (rest,) = list(iter_posts(source, core.PostColumns(), block=10, skip=1))
+    assert rest["id"] == ["2", "3"]
