@@ -590,3 +590,40 @@ def test_a_damaged_store_entry_is_detected_again(root: Path, tmp_path: Path, nlp
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new entry replaced the damaged one
         assert as_tuples(again(make_docs(nlp, names))) == as_tuples(units)
+
+
+def test_a_saved_relative_image_root_finds_the_images_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    from spacy.training import Example
+
+    work, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (work / "images").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)  # as `spacy train` runs in the project folder
+    colored(work / "images", "red.png", (255, 0, 0))
+    filler = ObjectUnits(store="f.sqlite", detector=FakeDetector(), image_root="images")
+    filler.detections_for(["red.png"])
+    units_config = {"@misc": "spacy_agban.ObjectUnits.v1", "store": str(work / "f.sqlite"),
+                    "image_root": "images", "signature": filler.signature}
+    nlp = spacy.blank("en")
+    nlp.add_pipe("agban", config={"model": {**TINY_MODEL, "fusion": "gban", "adversarial": True},
+                                  "caption_units": None, "object_units": units_config})
+    doc = nlp.make_doc("Kolo is here")
+    doc._.image = "red.png"
+    nlp.initialize(lambda: [Example.from_dict(doc, {"entities": [(0, 4, "PER")]})])
+    nlp.to_disk(work / "model")
+
+    monkeypatch.chdir(elsewhere)
+    loaded = spacy.load(work / "model")
+    assert loaded.get_pipe("agban").object_units.loader.image_root == work / "images"
+    post = loaded.make_doc("Kolo is here")
+    post._.image = "red.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Skipping image": it was found
+        assert [u["source"] for u in loaded(post)._.visual_units] == [OBJECT] * 3
+    # an override is the caller's choice, resolved against the folder it is given in
+    other = spacy.load(work / "model", config={"components.agban.object_units.image_root": "pictures"})
+    assert other.get_pipe("agban").object_units.loader.image_root == elsewhere / "pictures"
+    # the batch engines read the block without loading the pipeline: the same folder
+    from spacy_agban.batch.models import object_units_block
+
+    assert object_units_block(str(work / "model"))[1]["image_root"] == str(work / "images")
