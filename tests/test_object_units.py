@@ -627,3 +627,19 @@ def test_a_saved_relative_image_root_finds_the_images_from_any_folder(tmp_path: 
     from spacy_agban.batch.models import object_units_block
 
     assert object_units_block(str(work / "model"))[1]["image_root"] == str(work / "images")
+
+
+def test_detect_command_on_a_docbin_with_unresolvable_paths(tmp_path: Path, root: Path, nlp) -> None:
+    shutil.copy(IMAGES / "102.jpg", root / "102.jpg")
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    docs = make_docs(nlp, ["102.jpg", "102.jpg\x00x", "loop_a"])
+    DocBin(docs=docs, store_user_data=True).to_disk(tmp_path / "train.spacy")
+    with pytest.warns(RandomWeightsWarning):
+        summary = detect_command(
+            tmp_path / "train.spacy", tmp_path / "f.sqlite", image_root=root, detector="mobilenet",
+            weights="random", min_size=128, max_size=160, top_k=3, batch_size=2, score_threshold=0.0,
+            device="cpu", limit=None, allow_remote=False,
+        )
+    assert (summary["images"], summary["detected"], summary["failed"]) == (3, 1, 2)
+    assert {name for name, _ in summary["failures"]} == {"102.jpg\x00x", "loop_a"}
