@@ -427,7 +427,7 @@ class AGBANRecognizer(TrainablePipe):
 
     # A relative image_root in the config resolves against the current folder, which
     # differs wherever the saved pipeline is loaded from: the folder it named when the
-    # pipeline was saved is kept in cfg and used again (docs/visual_context.md).
+    # pipeline was saved is kept in cfg and used again (docs/robustness.md).
     def _record_image_root(self) -> None:
         configured = getattr(self.object_units, "image_root_arg", None)
         if configured is None or Path(configured).expanduser().is_absolute():
