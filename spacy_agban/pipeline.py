@@ -387,6 +387,7 @@ class AGBANRecognizer(TrainablePipe):
     def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
         if "model" not in exclude:
             self._check_initialized()
+        self._record_image_root()
         serialize = {
             "cfg": lambda: srsly.json_dumps(self.cfg),
             "model": self.model.to_bytes,
@@ -404,6 +405,7 @@ class AGBANRecognizer(TrainablePipe):
     def to_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()) -> None:
         if "model" not in exclude:
             self._check_initialized()
+        self._record_image_root()
         serialize = {
             "cfg": lambda p: srsly.write_json(p, self.cfg),
             "model": lambda p: self.model.to_disk(p),
@@ -421,6 +423,28 @@ class AGBANRecognizer(TrainablePipe):
     def _load_cfg(self, cfg: Dict[str, Any]) -> None:
         self.cfg.update(cfg)
         self._pin_object_signature()
+        self._restore_image_root()
+
+    # A relative image_root in the config resolves against the current folder, which
+    # differs wherever the saved pipeline is loaded from: the folder it named when the
+    # pipeline was saved is kept in cfg and used again (docs/robustness.md).
+    def _record_image_root(self) -> None:
+        configured = getattr(self.object_units, "image_root_arg", None)
+        if configured is None or Path(configured).expanduser().is_absolute():
+            self.cfg.pop("image_root", None)
+            return
+        resolved = str(self.object_units.loader.image_root)  # type: ignore[union-attr]
+        self.cfg["image_root"] = {"configured": configured, "resolved": resolved}
+
+    def _restore_image_root(self) -> None:
+        saved = self.cfg.get("image_root")
+        configured = getattr(self.object_units, "image_root_arg", None)
+        # Only for the value it was saved with: an override (tag --image-root, a config
+        # change) is the caller's choice. A saved folder that is gone (the pipeline moved
+        # to another machine) leaves the configured path, against the current folder.
+        if (isinstance(saved, dict) and configured is not None and configured == saved.get("configured")
+                and Path(saved["resolved"]).is_dir()):
+            self.object_units.use_image_root(saved["resolved"])  # type: ignore[union-attr]
 
     def _load_weights(self, model_bytes: bytes) -> None:
         self._build_model()

@@ -256,13 +256,16 @@ def detect(batch: Batch, units: Any) -> Batch:
     detector on the misses (``units`` is an ObjectUnits: its store, signature,
     detector, loader and ``top_k``). Drops ``image_bytes``.
 
-    ``image_status``: none, cached, detected, uncached (a store miss and no
-    detector) or failed (with an error on the row).
+    ``image_status``: none (the post has no image), cached, detected, uncached (a
+    store miss and no detector) or failed (the image could not be read or refused,
+    or detection failed; with an error on the row).
     """
     n = len(batch["id"])
-    status: List[str] = ["none"] * n
-    objects: List[Optional[Detections]] = [None] * n
     errors = [list(e) for e in batch["errors"]]
+    # A post whose image was refused or unreadable has an image error and no key.
+    status: List[str] = ["failed" if any(error_kind(e).startswith(IMAGE_PREFIX) for e in errors[i]) else "none"
+                         for i in range(n)]
+    objects: List[Optional[Detections]] = [None] * n
     keys, datas, names = batch["image_key"], batch["image_bytes"], batch["image"]
     indices = [i for i in range(n) if keys[i] is not None]
     store = units.store

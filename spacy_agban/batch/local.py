@@ -46,6 +46,7 @@ def run_local(
     if units is not None:
         units.max_warnings = 0  # a bad image is an error row, not a warning
     total = count_posts(files, fmt)
+    earlier = min(done * part_size, total)  # posts in the parts an earlier run wrote
     counts: Counter = Counter()
     stage_seconds: Counter = Counter()
     start = time.perf_counter()
@@ -55,7 +56,9 @@ def run_local(
         for part in iter_posts(input_path, columns, part_size, skip=done * part_size):
             outputs = []
             for batch in slices(part, batch_size):
-                if units is not None:
+                if units is None:
+                    counts["images_not_read"] += sum(ref is not None for ref in batch["image"])
+                else:
                     clock = time.perf_counter()
                     batch = core.load_images(batch, units.loader)
                     stage_seconds["load"] += time.perf_counter() - clock
@@ -76,9 +79,17 @@ def run_local(
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    return {"engine": "local", "posts": counts["posts"], "parts_skipped": done, "parts": index,
+    summary = core.format_summary(counts, seconds, "local")
+    if done:
+        summary += (f"\noutput: {earlier + counts['posts']} posts in all in {output} ({counts['posts']} "
+                    f"tagged by this run, {earlier} in the {done} parts an earlier run wrote).")
+    if counts["images_not_read"]:
+        summary += (f"\nnote: this pipeline does not read images (it was trained without object units): "
+                    f"the image of {counts['images_not_read']} posts was not used.")
+    return {"engine": "local", "posts": counts["posts"], "posts_in_output": earlier + counts["posts"],
+            "parts_skipped": done, "parts": index,
             "seconds": seconds, "posts_per_second": counts["posts"] / seconds if seconds > 0 else 0.0,
-            "counts": dict(counts), "stage_seconds": dict(stage_seconds), "summary": core.format_summary(counts, seconds, "local")}
+            "counts": dict(counts), "stage_seconds": dict(stage_seconds), "summary": summary}
 
 
 def _object_units(nlp: Any) -> Any:

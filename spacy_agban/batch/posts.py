@@ -91,14 +91,16 @@ def _jsonl_batches(files: List[Path], columns: PostColumns, skip: int, block: in
     for f in files:
         lines: List[str] = []
         wheres: List[str] = []
-        with f.open("r", encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
+        # Bytes, split on b"\n" only: text mode would also split on a bare "\r", which
+        # JSON allows as whitespace inside a record, making two broken rows of one post.
+        with f.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
                     continue
                 seen += 1
                 if seen <= skip:
                     continue
-                lines.append(line)
+                lines.append(raw.decode("utf-8", errors="replace"))
                 wheres.append(f"{f.name}:{number}")
                 if len(lines) == block:
                     yield parse_lines(lines, wheres, columns)
