@@ -92,7 +92,7 @@ def evaluate(
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_command(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="A model name: configs/<name>.cfg or a variant in configs/variants.yml"),
+    name: str = typer.Argument(..., help="A model name (configs/<name>.cfg or a variant in configs/variants.yml), or a .cfg path"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to save the trained pipeline"),
     gpu_id: int = typer.Option(-1, "--gpu-id", "-g", help="GPU id, -1 for the CPU"),
     configs: Path = typer.Option(Path("configs"), help="Folder of the configs and variants.yml"),
@@ -105,10 +105,10 @@ def train_command(
     """
     from spacy.cli._util import parse_config_overrides
 
-    from .variants import resolve
+    from .variants import config_and_overrides
 
     try:
-        path, overrides = resolve(name, configs)
+        path, overrides = config_and_overrides(name, configs)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1)

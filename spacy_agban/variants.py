@@ -8,7 +8,7 @@ quality bench (``--rows``), ``python -m spacy_agban train`` and ``project.yml``
 (``--vars.config``) resolve names here, so they train the same model for a name.
 """
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import srsly
 from thinc.api import Config
@@ -51,14 +51,21 @@ def resolve(name: str, configs: Path = Path("configs")) -> Tuple[Path, Overrides
     )
 
 
+def config_and_overrides(spec: Union[str, Path], configs: Path = Path("configs")) -> Tuple[Path, Overrides]:
+    """A model name (see :func:`resolve`), or the path of a ``.cfg`` file taken as is."""
+    if str(spec).endswith(".cfg"):
+        return Path(spec), {}
+    return resolve(str(spec), configs)
+
+
 def load_model_config(
     name: str,
     configs: Path = Path("configs"),
     overrides: Optional[Overrides] = None,
     interpolate: bool = True,
 ) -> Config:
-    """The config of a model name, with its variant's overrides and then ``overrides``."""
-    path, variant = resolve(name, configs)
+    """The config of a model name (or a .cfg path), with its variant's overrides and then ``overrides``."""
+    path, variant = config_and_overrides(name, configs)
     config = Config().from_disk(path, interpolate=False, overrides={**variant, **(overrides or {})})
     return config.interpolate() if interpolate else config
 
