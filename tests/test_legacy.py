@@ -61,3 +61,14 @@ def test_every_setting_reaches_the_torch_module_by_name():
 def test_the_live_architecture_needs_token_features():
     with pytest.raises(ValueError, match="needs token features"):
         build_agban_model(use_word_features=False, char_dim=0)
+
+
+def test_the_adapters_fix_what_their_version_fixed():
+    # called directly: an install's entry points may name other targets for the old names
+    from spacy_agban.legacy import build_agban_model_v1, build_agban_model_v2
+
+    live = build_agban_model(fusion="ban", adversarial=False, char_dim=12).attrs
+    assert build_agban_model_v1(fusion="ban", adversarial=False, char_dim=12).attrs == live
+    assert build_agban_model_v2(fusion="ban", adversarial=False, char_dim=12).attrs == live
+    no_words = build_agban_model_v2(use_word_features=False, char_dim=12).attrs
+    assert no_words["use_word_features"] is False and no_words["visual_dropout"] == 0.0
