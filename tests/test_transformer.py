@@ -23,6 +23,11 @@ POSTS: List[Post] = [
 TWEET = "Loving  #NewYork with @JohnDoe 😀🔥 https://t.co/AbC12 👍🏽 🇺🇸 café"
 
 
+# the head on the transformer's features alone (the shipped models add the char BiLSTM and
+# the word features beside them, which tests/test_configs.py checks)
+TRANSFORMER_ONLY = {"use_word_features": False, "char_dim": 0}
+
+
 def build_nlp(config_path=CONFIG, **model) -> Language:
     return build_trf_nlp(config_path, model, overrides={"paths.transformer": str(minilm.get_model_path())})
 
@@ -46,7 +51,7 @@ def agban_features(nlp: Language, docs) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained() -> Tuple[Language, Dict[str, float], Dict[str, float], torch.Tensor]:
     spacy.util.fix_random_seed(0)
-    nlp = build_nlp()
+    nlp = build_nlp(**TRANSFORMER_ONLY)
     egs = examples(nlp)
     nlp.initialize(lambda: egs)
     before = encoder_weight(nlp).detach().clone()
@@ -61,11 +66,13 @@ def trained() -> Tuple[Language, Dict[str, float], Dict[str, float], torch.Tenso
 
 
 def test_config_builds_a_transformer_only_agban():
-    nlp = build_nlp()
+    nlp = build_nlp(**TRANSFORMER_ONLY)
     assert nlp.pipe_names == ["transformer", "agban"]
     model = nlp.get_pipe("agban").model
     assert model.attrs["use_word_features"] is False and model.attrs["char_dim"] == 0
     assert nlp.get_pipe("transformer").listeners, "agban's listener is not connected"
+    shipped = build_nlp().get_pipe("agban").model.attrs
+    assert shipped["use_word_features"] is True and shipped["char_dim"] == 30
 
 
 def test_training_with_an_empty_doc_updates_the_transformer(trained):
