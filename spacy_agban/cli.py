@@ -1,4 +1,5 @@
 """``python -m spacy_agban ...``: data conversion, vectors and tools."""
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -125,6 +126,50 @@ def evaluate_argument_problem(model: str, data: Path, output: Optional[Path], ba
 def one_line(err: BaseException, limit: int = 300) -> str:
     text = " ".join(describe_error(err).split())  # type: ignore[arg-type]
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_command(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="A model name (configs/<name>.cfg or a variant in configs/variants.yml), or a .cfg path"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to save the trained pipeline"),
+    gpu_id: int = typer.Option(-1, "--gpu-id", "-g", help="GPU id, -1 for the CPU"),
+    configs: Path = typer.Option(Path("configs"), help="Folder of the configs and variants.yml"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the config file and overrides; train nothing"),
+) -> None:
+    """`spacy train` for a model name: its config file plus the variant's overrides.
+
+    Further options are spaCy's config overrides (e.g. --paths.train corpus/train.spacy
+    --training.max_steps 100), applied after the variant's.
+    """
+    from spacy.cli._util import parse_config_overrides
+
+    from .variants import config_and_overrides
+
+    try:
+        path, overrides = config_and_overrides(name, configs)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1)
+    overrides = {**overrides, **parse_config_overrides(ctx.args)}
+    if dry_run:
+        typer.echo(f"python -m spacy train {path}" + "".join(
+            f" --{key} {json.dumps(value)}" for key, value in overrides.items()))
+        return
+    from spacy.cli.train import train
+
+    train(path, output, use_gpu=gpu_id, overrides=overrides)
+
+
+@app.command("models")
+def models_command(
+    configs: Path = typer.Option(Path("configs"), help="Folder of the configs and variants.yml"),
+) -> None:
+    """The model names that `train`, the project and the quality bench accept."""
+    from .variants import model_names
+
+    for name, description in model_names(configs).items():
+        typer.echo(f"{name:24} {description}")
 
 
 def describe_error(err: Exception) -> str:

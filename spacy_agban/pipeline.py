@@ -16,11 +16,11 @@ from spacy.vocab import Vocab
 from thinc.api import Config, Model, Optimizer, set_dropout_rate
 
 from .architectures import AGBANInput, set_sizes
-from .corpus import patch_stock_corpus
+from .corpus import patch_stock_corpus_in_spacy_evaluate
 from .learning_rate import ScaledOptimizer
 from .visual_units import CAPTION, OBJECT, DocUnits, ObjectUnitSource, UnitSource, VisualUnit
 
-# The same model as configs/agban.cfg (a test checks): Concat fusion, the Table III row best
+# The same model as configs/concat.cfg (a test checks): Concat fusion, the Table III row best
 # on dev with caption units; fusion = "gban" with adversarial = true is the paper's AGBAN.
 DEFAULT_CONFIG_STR = """
 [model]
@@ -85,8 +85,9 @@ def make_agban(
     (spaCy has one optimizer for the pipeline): e.g. 20 to train the AGBAN head at
     1e-3 on top of a transformer fine-tuned at 5e-5.
     """
-    # `spacy evaluate` reads its data with spaCy's own Corpus after loading the pipeline
-    patch_stock_corpus()
+    # only inside `spacy evaluate`, which reads its data with spaCy's own Corpus after
+    # loading the pipeline: nothing global changes otherwise (see corpus.py)
+    patch_stock_corpus_in_spacy_evaluate()
     return AGBANRecognizer(
         nlp.vocab, model, name,
         caption_units=caption_units, object_units=object_units, max_words=max_words,
