@@ -21,9 +21,25 @@ import torch
 from thinc.api import Model, PyTorchShim
 from thinc.util import torch2xp, xp2torch
 
+from .fast_inference import use_reference
+
 
 class InPlaceUpdateShim(PyTorchShim):
-    """``PyTorchShim`` whose ``finish_update`` never rebinds ``param.data``."""
+    """``PyTorchShim`` whose ``finish_update`` never rebinds ``param.data``.
+
+    Its ``predict`` runs under ``torch.inference_mode`` (no autograd bookkeeping at
+    all, cheaper per op than ``no_grad``: it counts when a post is tagged alone).
+    """
+
+    def predict(self, inputs):
+        if use_reference() or self._mixed_precision:
+            return super().predict(inputs)
+        self._model.eval()
+        try:
+            with torch.inference_mode():
+                return self._model(*inputs.args, **inputs.kwargs)
+        finally:
+            self._model.train()
 
     def finish_update(self, optimizer) -> None:
         for name, param in self._model.named_parameters():
