@@ -191,6 +191,15 @@ def instrument(nlp, timer: StageTimer, recorder: Optional[EncoderRecorder]) -> N
     inner._func = timer.wrap("agban: listener pooling", inner_fn)
 
 
+def cold_caches(nlp) -> None:
+    """Forget the char BiLSTM's per-form cache: each repetition starts cold."""
+    import spacy_agban.architectures as arch
+
+    for sub in arch.get_module(nlp.get_pipe("agban").model).modules():
+        if hasattr(sub, "clear_cache"):
+            sub.clear_cache()
+
+
 def hf_model_of(nlp):
     return nlp.get_pipe("transformer").model.layers[0].shims[0]._model
 
@@ -227,6 +236,7 @@ def profile_mode(nlp, timer, recorder, run: Callable[[], float], reps: int) -> D
     """Total seconds and stage seconds (median over reps) of ``run``; raw encoder if any."""
     totals, stages, raw = [], [], []
     for _ in range(reps):
+        cold_caches(nlp)
         timer.reset()
         if recorder is not None:
             recorder.batches = []

@@ -34,12 +34,12 @@ class InPlaceUpdateShim(PyTorchShim):
     def predict(self, inputs):
         if use_reference() or self._mixed_precision:
             return super().predict(inputs)
-        self._model.eval()
-        try:
-            with torch.inference_mode():
-                return self._model(*inputs.args, **inputs.kwargs)
-        finally:
-            self._model.train()
+        # Left in eval mode: switching a module tree back and forth costs more than a
+        # tweet's CRF; every training forward (begin_update) sets train mode itself.
+        if self._model.training:
+            self._model.eval()
+        with torch.inference_mode():
+            return self._model(*inputs.args, **inputs.kwargs)
 
     def finish_update(self, optimizer) -> None:
         for name, param in self._model.named_parameters():

@@ -152,10 +152,9 @@ def viterbi_decode_numpy(
     history = []
     for t in range(1, length):
         candidates = score[:, :, None] + transitions + emissions[:, t][:, None, :]
-        best_previous = candidates.argmax(axis=1)
-        step = numpy.take_along_axis(candidates, best_previous[:, None, :], axis=1)[:, 0]
-        score = numpy.where(mask[:, t][:, None], step, score)
-        history.append(best_previous)
+        history.append(candidates.argmax(axis=1))
+        step = candidates.max(axis=1)
+        score = numpy.where(mask[:, t][:, None], step, score) if batch > 1 else step
     last = mask.sum(axis=1) - 1
     best_last = (score + end).argmax(axis=1)
     tags = numpy.zeros((batch, length), dtype=numpy.int64)
