@@ -8,7 +8,7 @@ from .extensions import install_extensions
 # extensions).
 install_extensions()
 
-from . import architectures, corpus, loggers, tokenizer, visual_units  # noqa: E402,F401  (registrations)
+from . import architectures, corpus, int8, loggers, tokenizer, visual_units  # noqa: E402,F401  (registrations)
 from .pipeline import AGBANRecognizer, make_agban  # noqa: E402
 
 __version__ = "0.1.0"

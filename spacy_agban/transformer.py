@@ -30,6 +30,7 @@ from thinc.types import Floats2d, Ragged
 from transformers import PreTrainedTokenizerFast
 
 from .fast_inference import encode_by_length, use_reference
+from .shim import with_in_place_updates
 
 
 @registry.architectures("spacy_agban.TransformerListener.v1")
@@ -159,6 +160,8 @@ class CaptionTransformerModel(TransformerModel):
 
     def __init__(self, name: str, get_spans: Callable, caption_input: CaptionInput, **kwargs):
         super().__init__(name, get_spans, **kwargs)
+        # the transformer's parameters updated in place, as agban's own (see shim.py)
+        with_in_place_updates(self)
         self._func = _caption_forward
         self.attrs["caption_input"] = caption_input
         self.attrs["replace_listener_cfg"] = _no_listener_cfg
@@ -166,6 +169,7 @@ class CaptionTransformerModel(TransformerModel):
     def copy(self):
         copied = super().copy()
         copied.__class__ = CaptionTransformerModel
+        with_in_place_updates(copied)
         copied._func = _caption_forward
         copied.attrs["caption_input"] = self.attrs["caption_input"]
         copied.attrs["replace_listener_cfg"] = _no_listener_cfg
