@@ -57,6 +57,12 @@ class InPlaceUpdateShim(PyTorchShim):
                         param.copy_(updated.view_as(param))
             param.grad.zero_()
         self._grad_scaler.update()
+        # thinc's optimizer writes through a numpy view: torch sees no version change,
+        # so prediction caches computed from the old weights are dropped here
+        for module in self._model.modules():
+            clear = getattr(module, "clear_cache", None)
+            if callable(clear):
+                clear()
 
 
 def _in_place_hf_shim() -> type:

@@ -154,8 +154,12 @@ class CaptionTransformerModel(TransformerModel):
     maps the post's tokens to the post's pieces only: the listener pools, and agban tags,
     exactly the post's tokens, with features that attended to the caption.
 
-    A batch in which no doc has a caption (switch off, no captions, all dropped) runs
-    the stock forward pass unchanged: the same word pieces as ``TransformerModel.v3``.
+    A batch in which no doc has a caption (switch off, no captions, all dropped) gets
+    the stock tokenization: the same word pieces as ``TransformerModel.v3``.
+
+    At prediction the encoder runs through :func:`spacy_agban.fast_inference.encode_by_length`
+    (rows sorted by length, sub-batches cut to their longest row, ``torch.inference_mode``):
+    the same features up to float rounding, without the padding's work.
     """
 
     def __init__(self, name: str, get_spans: Callable, caption_input: CaptionInput, **kwargs):

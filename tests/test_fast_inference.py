@@ -97,6 +97,16 @@ def test_char_cache_gives_the_vectors_of_the_batched_bilstm():
         again = chars(ids[:3], lengths[:3], keys[:3])
     torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again, expected[:3], rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():  # an in-place weight change (as an optimizer step makes)
+        chars.lstm.weight_ih_l0.mul_(0.5)
+        changed = chars.encode(ids, lengths)
+        after = chars(ids, lengths, keys)
+    assert not torch.allclose(changed, expected)
+    torch.testing.assert_close(after, changed, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # a new tensor bound to a parameter (as thinc's stock shim does)
+        chars.lstm.weight_hh_l0.data = chars.lstm.weight_hh_l0.data * 2
+    with torch.inference_mode():
+        torch.testing.assert_close(chars(ids, lengths, keys), chars.encode(ids, lengths), rtol=1e-5, atol=1e-6)
 
 
 def test_numpy_viterbi_gives_the_torch_viterbis_tags():

@@ -10,8 +10,10 @@ class CharBiLSTM(nn.Module):
     """One vector per token from its characters: final states of a BiLSTM.
 
     At prediction (``torch.inference_mode``) with token keys given, each token form's
-    vector is computed once and kept until a weight changes (a fingerprint of the
-    parameters' storage and version counters is checked on every call): a post's
+    vector is computed once and kept until a weight changes: the shim's optimizer step
+    clears the cache (it writes through numpy, which torch does not see), and a
+    fingerprint of the parameters' storage and version counters, checked on every
+    call, catches any torch-side change (``load_state_dict``, in-place ops). A post's
     tokens are mostly forms seen before, and the packed BiLSTM over a post's
     characters is the largest fixed cost of tagging one post alone.
     """
