@@ -148,10 +148,7 @@ def trf_nlp():
     spacy.util.fix_random_seed(0)
     nlp = build_trf_nlp(ROOT / "configs" / "accurate.cfg", model={"char_dim": 8, "char_hidden": 8})
     examples = trf_examples(nlp, CAPTION_POSTS)
-    optimizer = nlp.initialize(lambda: examples)
-    optimizer.learn_rate = 5e-4
-    for _ in range(10):
-        nlp.update(examples, sgd=optimizer)
+    nlp.initialize(lambda: examples)  # an untrained head tags plenty: entities to compare
     return nlp
 
 

@@ -138,7 +138,7 @@ class TextProjector(nn.Module):
         if external is not None:
             parts.append(external)
         inputs = self.dropout(torch.cat(parts, dim=-1))
-        if inputs.shape[0] == 1:  # one doc has no padding: packing would only cost time
+        if inputs.shape[0] == 1 and bool(token_mask.all()):  # one doc, no padding: packing only costs time
             return self.lstm(inputs)[0]
         lengths = token_mask.sum(dim=1).clamp(min=1).cpu()
         packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
