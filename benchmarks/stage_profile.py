@@ -24,7 +24,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -139,7 +139,6 @@ def instrument(nlp, timer: StageTimer, recorder: Optional[EncoderRecorder]) -> N
     """Wrap the stages of the inference path of ``nlp`` with ``timer``."""
     import spacy_agban.architectures as arch
     import spacy_agban.featurize as featurize
-    import spacy_agban.pipeline as pipeline
     import spacy_agban.transformer as trf
 
     agban = nlp.get_pipe("agban")
@@ -160,7 +159,6 @@ def instrument(nlp, timer: StageTimer, recorder: Optional[EncoderRecorder]) -> N
     hook_module(timer, module, "agban torch: rest of the module")
     if getattr(arch, "_pad", None) is not None:
         patch(timer, arch, "_pad", "agban: pad transformer features")
-    del pipeline
     if "transformer" not in nlp.pipe_names:
         return
     trf_pipe = nlp.get_pipe("transformer")
