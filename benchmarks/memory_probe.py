@@ -121,7 +121,6 @@ def run(
 
     import torch
     import spacy
-    from spacy.training import Corpus
     from spacy.training.initialize import init_nlp
     from spacy.util import load_config
     from thinc.api import fix_random_seed
@@ -145,11 +144,9 @@ def run(
                     shim.__class__ = stock
                 shim_classes.append(type(shim).__name__)
     shim_class = ",".join(shim_classes)
-    examples = list(Corpus(str(train))(nlp))
-    dev_examples = list(Corpus(str(dev))(nlp)) if eval_every else []
-    from spacy_agban.corpus import with_visual_context
-    examples = [with_visual_context(eg) for eg in examples]
-    dev_examples = [with_visual_context(eg) for eg in dev_examples]
+    from spacy_agban.corpus import VisualContextCorpus  # examples keep image and caption
+    examples = list(VisualContextCorpus(str(train))(nlp))
+    dev_examples = list(VisualContextCorpus(str(dev))(nlp)) if eval_every else []
     optimizer = nlp.create_optimizer()
     rng = random.Random(0)
     order: List = []
