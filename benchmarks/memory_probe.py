@@ -11,7 +11,8 @@ against ``heap_free_mb`` (freed bytes the heap keeps). Live-object growth shows 
 ``in_use_mb``; allocator fragmentation shows in ``heap_free_mb`` with flat ``in_use_mb``.
 
 Factors: ``--mode`` featurize | forward | train, ``--stock-shim`` (thinc's own
-``PyTorchShim``, whose optimizer step leaks, instead of ``spacy_agban.shim``),
+``PyTorchShim``/spacy-transformers' ``HFShim``, whose optimizer step leaks, instead of
+``spacy_agban.shim``'s in-place twins, for agban and for the transformer), ``--count-tensors``,
 ``--no-mkldnn``, ``--trim-every`` (``malloc_trim(0)`` calls), ``--gc-every``,
 ``--tracemalloc`` (top Python allocation sites added in the second half); environment
 variables (``MALLOC_ARENA_MAX``,
@@ -105,6 +106,7 @@ def run(
     label: str = typer.Option("baseline"),
     out: Path = typer.Option(ROOT / "metrics" / "memory_probe.json"),
     max_rss_mb: float = typer.Option(6000.0, help="stop the probe above this RSS"),
+    count_tensors: bool = typer.Option(False, "--count-tensors", help="count live torch tensors at each sample"),
     child: bool = typer.Option(False, hidden=True),
 ) -> None:
     if not child:
@@ -133,17 +135,19 @@ def run(
     fix_random_seed(0)
     nlp = init_nlp(cfg)
     pipe = nlp.get_pipe("agban")
-    shim_class = ""
-    for shim in pipe.model.get_ref("torch").shims:
-        if stock_shim:
-            from thinc.api import PyTorchShim
-            shim.__class__ = PyTorchShim
-        shim_class = type(shim).__name__
+    shim_classes = []
+    for _, component in nlp.pipeline:  # agban's shim and, with a transformer, its HF shim
+        for node in component.model.walk():
+            for shim in node.shims:
+                if stock_shim:
+                    # thinc's own update (PyTorchShim) for every shim, as before spacy_agban.shim
+                    stock = next(c for c in type(shim).__mro__ if c.__name__ in ("HFShim", "PyTorchShim"))
+                    shim.__class__ = stock
+                shim_classes.append(type(shim).__name__)
+    shim_class = ",".join(shim_classes)
+    from spacy_agban.corpus import VisualContextCorpus  # examples keep image and caption
     examples = list(VisualContextCorpus(str(train))(nlp))
     dev_examples = list(VisualContextCorpus(str(dev))(nlp)) if eval_every else []
-    from spacy_agban.corpus import with_visual_context
-    examples = [with_visual_context(eg) for eg in examples]
-    dev_examples = [with_visual_context(eg) for eg in dev_examples]
     optimizer = nlp.create_optimizer()
     rng = random.Random(0)
     order: List = []
@@ -156,6 +160,10 @@ def run(
     for step in range(steps + 1):
         if step % every == 0:
             rows.append(sample(step, start))
+            if count_tensors:  # live torch tensors: the stock update leaves some per step
+                gc.collect()
+                rows[-1]["live_tensors"] = sum(
+                    1 for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter))
             print(json.dumps(rows[-1]), flush=True)
             if rows[-1]["rss_mb"] > max_rss_mb:
                 print(f"RSS above {max_rss_mb} MB: stopping", flush=True)

@@ -220,6 +220,7 @@ def _convert_inputs(model: Model, arrays: Dict[str, Any], is_train: bool):
         unit_masks={s: tensor(v) for s, v in arrays["unit_masks"].items()},
         tags=tensor(arrays["tags"]) if is_train else None,
         outside_only=tensor(arrays["outside_only"]),
+        token_keys=tensor(arrays.get("token_keys")),
     )
     external = tensor(arrays["external"])
     if external is not None and is_train:

@@ -68,6 +68,7 @@ def evaluate(
     data: Path = typer.Argument(..., help="A .spacy DocBin with doc._.image / doc._.image_caption"),
     output: Optional[Path] = typer.Option(None, help="Write both score sets to this JSON file"),
     batch_size: int = typer.Option(64, help="nlp.pipe batch size"),
+    int8: bool = typer.Option(False, "--int8", help="Quantize the transformer to int8 first (CPU inference, see docs/profile.md)"),
 ) -> None:
     """Score a pipeline with and without the posts' visual context (two columns).
 
@@ -88,6 +89,10 @@ def evaluate(
     except (OSError, ValueError) as err:  # not a pipeline, or a damaged one
         typer.echo(f"error: cannot load the pipeline {model}: {one_line(err)}", err=True)
         raise typer.Exit(1)
+    if int8:
+        from .int8 import quantize_int8
+
+        quantize_int8(nlp)
     scores = evaluate_both(nlp, data, batch_size)
     typer.echo("| visual context | P | R | F1 |\n|---|---|---|---|")
     for key, name in ((WITH_CONTEXT, "as stored"), (WITHOUT_CONTEXT, "removed")):

@@ -103,6 +103,10 @@ class Featurizer:
             "outside_only": outside_only,
             "tags": gold if tags is not None else None,
         }
+        # the exact form's hash as int64, for the model's per-form caches
+        token_keys = numpy.zeros((n_docs, max_len), dtype="int64")
+        token_keys[token_mask] = orth.view("int64")
+        arrays["token_keys"] = token_keys
         arrays["units"], arrays["unit_masks"] = self.unit_arrays(units)
         return arrays
 

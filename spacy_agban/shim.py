@@ -17,13 +17,33 @@ land depends on the run (allocation order, hash seed, neighbours), hence "someti
 copied), with the same optimizer keys, gradient clipping, loss scaling and
 serialization as the stock shim.
 """
+from typing import Callable
+
 import torch
+from spacy.language import Language
+from spacy.util import registry
 from thinc.api import Model, PyTorchShim
 from thinc.util import torch2xp, xp2torch
 
+from .fast_inference import use_reference
+
 
 class InPlaceUpdateShim(PyTorchShim):
-    """``PyTorchShim`` whose ``finish_update`` never rebinds ``param.data``."""
+    """``PyTorchShim`` whose ``finish_update`` never rebinds ``param.data``.
+
+    Its ``predict`` runs under ``torch.inference_mode`` (no autograd bookkeeping at
+    all, cheaper per op than ``no_grad``: it counts when a post is tagged alone).
+    """
+
+    def predict(self, inputs):
+        if use_reference() or self._mixed_precision:
+            return super().predict(inputs)
+        # Left in eval mode: switching a module tree back and forth costs more than a
+        # tweet's CRF; every training forward (begin_update) sets train mode itself.
+        if self._model.training:
+            self._model.eval()
+        with torch.inference_mode():
+            return self._model(*inputs.args, **inputs.kwargs)
 
     def finish_update(self, optimizer) -> None:
         for name, param in self._model.named_parameters():
@@ -37,11 +57,57 @@ class InPlaceUpdateShim(PyTorchShim):
                         param.copy_(updated.view_as(param))
             param.grad.zero_()
         self._grad_scaler.update()
+        # thinc's optimizer writes through a numpy view: torch sees no version change,
+        # so prediction caches computed from the old weights are dropped here
+        for module in self._model.modules():
+            clear = getattr(module, "clear_cache", None)
+            if callable(clear):
+                clear()
 
 
-def with_in_place_updates(wrapper: Model) -> Model:
-    """Make a ``PyTorchWrapper_v3`` model's shim an :class:`InPlaceUpdateShim` (same state)."""
-    for shim in wrapper.shims:
-        if type(shim) is PyTorchShim:
-            shim.__class__ = InPlaceUpdateShim  # a subclass that adds no state
-    return wrapper
+def _in_place_hf_shim() -> type:
+    """:class:`InPlaceUpdateShim`'s update for spacy-transformers' ``HFShim`` (which
+    keeps thinc's ``finish_update``, and so the same leak, for the transformer's
+    parameters); its own (de)serialization is kept."""
+    global _IN_PLACE_HF_SHIM
+    if _IN_PLACE_HF_SHIM is None:
+        from spacy_transformers.layers.hf_shim import HFShim
+
+        _IN_PLACE_HF_SHIM = type("InPlaceUpdateHFShim", (InPlaceUpdateShim, HFShim), {
+            "__doc__": "spacy-transformers' HFShim with InPlaceUpdateShim's update and predict.",
+        })
+    return _IN_PLACE_HF_SHIM
+
+
+_IN_PLACE_HF_SHIM = None
+
+
+def with_in_place_updates(model: Model) -> Model:
+    """Make every stock PyTorch shim of ``model`` and its layers update in place.
+
+    ``PyTorchShim`` becomes :class:`InPlaceUpdateShim`, spacy-transformers' ``HFShim``
+    its in-place twin: subclasses that add no state, so the shim keeps its model,
+    optimizer keys and serialization.
+    """
+    for node in model.walk():
+        for shim in node.shims:
+            if type(shim) is PyTorchShim:
+                shim.__class__ = InPlaceUpdateShim
+            elif type(shim).__name__ == "HFShim" and type(shim).__module__.startswith("spacy_transformers"):
+                shim.__class__ = _in_place_hf_shim()
+    return model
+
+
+@registry.callbacks("spacy_agban.in_place_updates.v1")
+def make_in_place_updates() -> Callable[[Language], Language]:
+    """``[nlp.after_pipeline_creation]`` callback: every PyTorch shim of the pipeline
+    (a stock ``spacy-transformers.TransformerModel.v3`` included) updates in place."""
+
+    def after_pipeline_creation(nlp: Language) -> Language:
+        for _, pipe in nlp.pipeline:
+            model = getattr(pipe, "model", None)
+            if isinstance(model, Model):
+                with_in_place_updates(model)
+        return nlp
+
+    return after_pipeline_creation

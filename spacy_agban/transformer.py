@@ -23,10 +23,14 @@ from spacy_transformers.architectures import transformer_listener_tok2vec_v1
 from spacy_transformers.data_classes import FullTransformerBatch, WordpieceBatch
 from spacy_transformers.layers.transformer_model import TransformerModel
 from spacy_transformers.layers.transformer_model import forward as transformer_forward
+from spacy_transformers.layers.transformer_model import huggingface_tokenize
 from spacy_transformers.truncate import truncate_oversize_splits
 from thinc.api import Model
 from thinc.types import Floats2d, Ragged
 from transformers import PreTrainedTokenizerFast
+
+from .fast_inference import encode_by_length, use_reference
+from .shim import with_in_place_updates
 
 
 @registry.architectures("spacy_agban.TransformerListener.v1")
@@ -150,12 +154,18 @@ class CaptionTransformerModel(TransformerModel):
     maps the post's tokens to the post's pieces only: the listener pools, and agban tags,
     exactly the post's tokens, with features that attended to the caption.
 
-    A batch in which no doc has a caption (switch off, no captions, all dropped) runs
-    the stock forward pass unchanged: the same word pieces as ``TransformerModel.v3``.
+    A batch in which no doc has a caption (switch off, no captions, all dropped) gets
+    the stock tokenization: the same word pieces as ``TransformerModel.v3``.
+
+    At prediction the encoder runs through :func:`spacy_agban.fast_inference.encode_by_length`
+    (rows sorted by length, sub-batches cut to their longest row, ``torch.inference_mode``):
+    the same features up to float rounding, without the padding's work.
     """
 
     def __init__(self, name: str, get_spans: Callable, caption_input: CaptionInput, **kwargs):
         super().__init__(name, get_spans, **kwargs)
+        # the transformer's parameters updated in place, as agban's own (see shim.py)
+        with_in_place_updates(self)
         self._func = _caption_forward
         self.attrs["caption_input"] = caption_input
         self.attrs["replace_listener_cfg"] = _no_listener_cfg
@@ -163,6 +173,7 @@ class CaptionTransformerModel(TransformerModel):
     def copy(self):
         copied = super().copy()
         copied.__class__ = CaptionTransformerModel
+        with_in_place_updates(copied)
         copied._func = _caption_forward
         copied.attrs["caption_input"] = self.attrs["caption_input"]
         copied.attrs["replace_listener_cfg"] = _no_listener_cfg
@@ -213,9 +224,10 @@ def _caption_forward(
 ) -> Tuple[FullTransformerBatch, Callable]:
     settings: CaptionInput = model.attrs["caption_input"]
     captions = [settings.caption_for(doc, is_train) for doc in docs]
-    if not any(captions):
-        return transformer_forward(model, docs, is_train)
     tokenizer = model.tokenizer
+    fast_predict = not is_train and not use_reference() and _can_predict_by_length(model)
+    if not any(captions) and not fast_predict:
+        return transformer_forward(model, docs, is_train)
     nested_spans = model.attrs["get_spans"](docs)
     flat_spans: List[Span] = []
     flat_captions: List[Optional[str]] = []
@@ -223,22 +235,37 @@ def _caption_forward(
         for span in doc_spans:
             flat_spans.append(span)
             flat_captions.append(caption if len(span) else None)
-    encoding = tokenize_with_captions(
-        tokenizer, [span.text for span in flat_spans], flat_captions, settings.max_pieces
-    )
+    texts = [span.text for span in flat_spans]
+    if any(captions):
+        encoding = tokenize_with_captions(tokenizer, texts, flat_captions, settings.max_pieces)
+    else:  # the stock tokenization: the same word pieces as TransformerModel.v3
+        encoding = huggingface_tokenize(tokenizer, texts)
     wordpieces = WordpieceBatch.from_batch_encoding(encoding)
     align = get_alignment_via_offset_mapping(flat_spans, encoding["offset_mapping"])
     wordpieces, align = truncate_oversize_splits(wordpieces, align, tokenizer.model_max_length)
-    model_output, bp_tensors = model.layers[0](wordpieces, is_train)
+    if fast_predict:
+        model_output = encode_by_length(model.layers[0].shims[0]._model, wordpieces)
+        bp_tensors: Optional[Callable] = None
+    else:
+        model_output, bp_tensors = model.layers[0](wordpieces, is_train)
     output = FullTransformerBatch(
         spans=nested_spans, wordpieces=wordpieces, model_output=model_output, align=align
     )
 
     def backprop(d_output: FullTransformerBatch) -> List[Doc]:
+        if bp_tensors is None:
+            raise ValueError("The transformer ran in prediction mode: no gradient to give back.")
         bp_tensors(d_output.model_output)
         return docs
 
     return output, backprop
+
+
+def _can_predict_by_length(model: CaptionTransformerModel) -> bool:
+    """The length-sorted prediction path needs offsets (a fast tokenizer) and fp32 on
+    the model's device (mixed precision keeps the stock autocast path)."""
+    shim = model.layers[0].shims[0]
+    return isinstance(model.tokenizer, PreTrainedTokenizerFast) and not shim._mixed_precision
 
 
 def tokenize_with_captions(

@@ -27,6 +27,7 @@ class Batch:
     external: Optional[torch.Tensor] = None  # (B, T, E) features from another encoder
     tags: Optional[torch.Tensor] = None  # (B, T) long gold tags, 0 on padding
     outside_only: Optional[torch.Tensor] = None  # (B, T) bool: tokens that can only be O
+    token_keys: Optional[torch.Tensor] = None  # (B, T) long: an id of each token's exact form
 
 
 @dataclass
@@ -167,7 +168,7 @@ class AGBANModule(nn.Module):
         """G_M for every token, with the adversarial loss and attention on the way."""
         g_t = self.text(
             batch.word_ids, batch.static_vectors, batch.char_ids, batch.char_lengths,
-            batch.token_mask, batch.external,
+            batch.token_mask, batch.external, batch.token_keys,
         )
         out = Output(features=g_t, text_features=g_t)
         if self.visual is None or self.fusion is None:

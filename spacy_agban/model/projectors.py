@@ -7,16 +7,39 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 class CharBiLSTM(nn.Module):
-    """One vector per token from its characters: final states of a BiLSTM."""
+    """One vector per token from its characters: final states of a BiLSTM.
+
+    At prediction (``torch.inference_mode``) with token keys given, each token form's
+    vector is computed once and kept until a weight changes: the shim's optimizer step
+    clears the cache (it writes through numpy, which torch does not see), and a
+    fingerprint of the parameters' storage and version counters, checked on every
+    call, catches any torch-side change (``load_state_dict``, in-place ops). A post's
+    tokens are mostly forms seen before, and the packed BiLSTM over a post's
+    characters is the largest fixed cost of tagging one post alone.
+    """
+
+    max_cached = 100_000  # forms; the cache starts over past this
 
     def __init__(self, n_chars: int, char_dim: int, hidden: int):
         super().__init__()
         self.embed = nn.Embedding(n_chars, char_dim, padding_idx=0)
         self.lstm = nn.LSTM(char_dim, hidden, batch_first=True, bidirectional=True)
         self.width = 2 * hidden
+        self._cache: Dict[int, torch.Tensor] = {}
+        self._fingerprint: Optional[tuple] = None
 
-    def forward(self, char_ids: torch.Tensor, char_lengths: torch.Tensor) -> torch.Tensor:
-        """(N, L) char ids of N real tokens, lengths >= 1 -> (N, 2 * hidden)."""
+    def forward(
+        self, char_ids: torch.Tensor, char_lengths: torch.Tensor, keys: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(N, L) char ids of N real tokens, lengths >= 1 -> (N, 2 * hidden).
+
+        keys: (N,) an id of each token's exact form (same form, same chars), for the cache.
+        """
+        if keys is None or self.training or not torch.is_inference_mode_enabled():
+            return self.encode(char_ids, char_lengths)
+        return self._cached(char_ids, char_lengths, keys)
+
+    def encode(self, char_ids: torch.Tensor, char_lengths: torch.Tensor) -> torch.Tensor:
         if char_ids.shape[0] == 0:
             return char_ids.new_zeros((0, self.width), dtype=self.embed.weight.dtype)
         packed = pack_padded_sequence(
@@ -24,6 +47,27 @@ class CharBiLSTM(nn.Module):
         )
         _, (final, _) = self.lstm(packed)
         return torch.cat([final[0], final[1]], dim=-1)
+
+    def clear_cache(self) -> None:
+        self._cache = {}
+
+    def _cached(self, char_ids: torch.Tensor, char_lengths: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        fingerprint = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if fingerprint != self._fingerprint or len(self._cache) > self.max_cached:
+            self._cache, self._fingerprint = {}, fingerprint
+        cache = self._cache
+        key_list = keys.tolist()
+        missing: Dict[int, int] = {}  # form -> first row with it
+        for row, key in enumerate(key_list):
+            if key not in cache and key not in missing:
+                missing[key] = row
+        if missing:
+            rows = torch.tensor(list(missing.values()), dtype=torch.long, device=char_ids.device)
+            for key, vector in zip(missing, self.encode(char_ids[rows], char_lengths[rows])):
+                cache[key] = vector
+        if not key_list:
+            return self.encode(char_ids, char_lengths)
+        return torch.stack([cache[key] for key in key_list])
 
 
 class TextProjector(nn.Module):
@@ -77,6 +121,7 @@ class TextProjector(nn.Module):
         char_lengths: torch.Tensor,
         token_mask: torch.Tensor,
         external: Optional[torch.Tensor] = None,
+        token_keys: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         parts = []
         if self.word_embed is not None:
@@ -85,13 +130,16 @@ class TextProjector(nn.Module):
                 words = words + static_vectors
             parts.append(words)
         if self.chars is not None:
-            per_token = self.chars(char_ids[token_mask], char_lengths[token_mask])
+            keys = token_keys[token_mask] if token_keys is not None else None
+            per_token = self.chars(char_ids[token_mask], char_lengths[token_mask], keys)
             chars = per_token.new_zeros(token_mask.shape + (self.chars.width,))
             chars[token_mask] = per_token
             parts.append(chars)
         if external is not None:
             parts.append(external)
         inputs = self.dropout(torch.cat(parts, dim=-1))
+        if inputs.shape[0] == 1 and bool(token_mask.all()):  # one doc, no padding: packing only costs time
+            return self.lstm(inputs)[0]
         lengths = token_mask.sum(dim=1).clamp(min=1).cpu()
         packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
         output, _ = self.lstm(packed)

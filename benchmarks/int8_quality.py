@@ -1,0 +1,106 @@
+"""int8 (dynamic quantization) against fp32 for a trained transformer pipeline: F1 in both
+evaluation columns and speed, side by side in one run, one thread.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.int8_quality \
+        training/cased/accurate-s0/model-best corpus/test.spacy
+
+Loads the pipeline twice (fp32, and fp32 then ``spacy_agban.int8.quantize_int8``),
+scores both on the split with the posts' visual context as stored and removed
+(``spacy_agban.evaluation.evaluate_both``, the two columns of ``python -m spacy_agban
+evaluate``), then times ``nlp.pipe`` on the first ``--speed-docs`` posts, repetitions
+interleaved (fp32, int8, fp32, ...), median reported.
+"""
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import typer  # noqa: E402
+
+from .machine import machine, machine_line  # noqa: E402
+from .paths import ROOT, relative  # noqa: E402
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    model: Path = typer.Argument(..., help="A trained transformer pipeline (fp32)"),
+    data: Path = typer.Argument(ROOT / "corpus" / "test.spacy"),
+    speed_docs: int = typer.Option(256), reps: int = typer.Option(3),
+    batch_size: int = typer.Option(64),
+    output: Path = typer.Option(ROOT / "metrics" / "int8_quality.json"),
+    report: Optional[Path] = typer.Option(ROOT / "metrics" / "int8_quality.md"),
+) -> None:
+    """F1 (both columns) and docs/s of int8 against fp32."""
+    import spacy
+    import torch
+
+    import spacy_agban  # noqa: F401
+    import spacy_agban.transformer  # noqa: F401
+    from spacy_agban.docs_io import read_fresh_docs
+    from spacy_agban.evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
+    from spacy_agban.int8 import quantize_int8
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    nlps = {"fp32": spacy.load(model), "int8": quantize_int8(spacy.load(model))}
+    result: Dict[str, Any] = {"machine": machine(), "model": relative(model), "data": relative(data),
+                              "torch_threads": torch.get_num_threads(), "scores": {}, "speed": {}}
+    for name, nlp in nlps.items():
+        scores = evaluate_both(nlp, data, batch_size)
+        result["scores"][name] = {
+            column: {k: scores[column][k] for k in ("ents_p", "ents_r", "ents_f")}
+            for column in (WITH_CONTEXT, WITHOUT_CONTEXT)
+        }
+        typer.echo(f"{name}: {json.dumps(result['scores'][name])}")
+    docs = {name: read_fresh_docs(nlp, data, speed_docs) for name, nlp in nlps.items()}
+    seconds: Dict[str, list] = {name: [] for name in nlps}
+    for _ in range(reps):
+        for name, nlp in nlps.items():
+            copies = [d.copy() for d in docs[name]]
+            start = time.perf_counter()
+            for _ in nlp.pipe(copies, batch_size=batch_size):
+                pass
+            seconds[name].append(time.perf_counter() - start)
+    for name in nlps:
+        result["speed"][name] = {"seconds": seconds[name],
+                                 "docs_per_s": len(docs[name]) / statistics.median(seconds[name])}
+    result["load_average"] = os.getloadavg()
+    result["wall_s"] = time.perf_counter() - started
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    text = markdown(result)
+    if report is not None:
+        report.write_text(text)
+    typer.echo(text)
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    s, v = result["scores"], result["speed"]
+    lines = [
+        f"# int8 against fp32: {result['model']} on {result['data']}",
+        "",
+        f"Measured on: {machine_line(result['machine'])}; torch threads {result['torch_threads']}; "
+        f"load average {result['load_average'][0]:.1f} (a loaded machine: read the ratio).",
+        "",
+        "| weights | F1 caption as stored | F1 caption removed | docs/s (batch 64) |",
+        "|---|---|---|---|",
+    ]
+    for name in ("fp32", "int8"):
+        lines.append(f"| {name} | {100 * s[name]['with_context']['ents_f']:.2f} | "
+                     f"{100 * s[name]['without_context']['ents_f']:.2f} | {v[name]['docs_per_s']:.1f} |")
+    d_with = 100 * (s["int8"]["with_context"]["ents_f"] - s["fp32"]["with_context"]["ents_f"])
+    d_without = 100 * (s["int8"]["without_context"]["ents_f"] - s["fp32"]["without_context"]["ents_f"])
+    lines += ["", f"int8 - fp32 F1: {d_with:+.2f} (caption as stored), {d_without:+.2f} (removed); "
+              f"speed-up {v['int8']['docs_per_s'] / v['fp32']['docs_per_s']:.2f}x.", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app()

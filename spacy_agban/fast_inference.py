@@ -1,0 +1,112 @@
+"""Prediction-time shortcuts that give the same predictions for less work.
+
+- :func:`encode_by_length`: the transformer's encoder run on the word-piece rows
+  sorted by length, in small sub-batches cut to their own longest row, under
+  ``torch.inference_mode``. A batch of tweets with captions is ~25% padding when
+  padded to its longest row; the encoder's matrix products are ~90% of the
+  transformer pipeline's time (``docs/profile.md``), so padding is work nobody reads.
+- :func:`reference_inference`: a switch back to the code paths these shortcuts
+  replace, for the tests that check the shortcuts change no prediction and for
+  side-by-side timing.
+"""
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Tuple
+
+import numpy
+import torch
+
+_REFERENCE = False
+# padded word pieces per encoder call on CPU: large enough for efficient matrix products
+# on one core, small enough that rows of a sub-batch have similar lengths
+CPU_PIECES_PER_CALL = 1024
+GPU_PIECES_PER_CALL = 16384
+
+
+def use_reference() -> bool:
+    """True inside :func:`reference_inference`."""
+    return _REFERENCE
+
+
+@contextmanager
+def reference_inference() -> Iterator[None]:
+    """Run prediction through the replaced (slower) code paths."""
+    global _REFERENCE
+    previous, _REFERENCE = _REFERENCE, True
+    try:
+        yield
+    finally:
+        _REFERENCE = previous
+
+
+def length_batches(lengths: numpy.ndarray, max_pieces: int) -> List[numpy.ndarray]:
+    """Row indices grouped by length (shortest first), each group's rows x longest
+    row at most ``max_pieces`` (a single longer row gets a group of its own)."""
+    order = numpy.argsort(lengths, kind="stable")
+    groups: List[numpy.ndarray] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or (end - start + 1) * int(lengths[order[end]]) > max_pieces:
+            groups.append(order[start:end])
+            start = end
+    return groups
+
+
+def encode_by_length(hf_model: torch.nn.Module, wordpieces, max_pieces: int = 0) -> Any:
+    """The Hugging Face model's output for a ``WordpieceBatch``, computed by length.
+
+    Same fields and shapes as one call on the whole padded batch; the rows are the same
+    up to float rounding (an attention mask keeps padding out of every real piece's
+    result, so cutting padding changes nothing else). Padding positions hold zeros
+    (the alignment never reads them). Needs right padding; a left-padded batch is
+    encoded in one call.
+    """
+    device = next(hf_model.parameters()).device
+    if not max_pieces:
+        max_pieces = CPU_PIECES_PER_CALL if device.type == "cpu" else GPU_PIECES_PER_CALL
+    inputs: Dict[str, numpy.ndarray] = {
+        "input_ids": wordpieces.input_ids, "attention_mask": wordpieces.attention_mask,
+    }
+    if wordpieces.token_type_ids is not None:
+        inputs["token_type_ids"] = wordpieces.token_type_ids
+    inputs = {k: numpy.asarray(getattr(v, "get", lambda v=v: v)()) for k, v in inputs.items()}
+    mask = inputs["attention_mask"]
+    n_rows, width = mask.shape
+    lengths = mask.sum(axis=1)
+    right_padded = bool((mask == (numpy.arange(width)[None, :] < lengths[:, None])).all())
+    config = getattr(hf_model, "config", None)
+    per_layer = bool(getattr(config, "output_hidden_states", False) or getattr(config, "output_attentions", False))
+    whole = not right_padded or n_rows <= 1 or per_layer
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        with torch.inference_mode():
+            if whole:
+                return hf_model(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()})
+            parts = []
+            for rows in length_batches(lengths, max_pieces):
+                longest = max(1, int(lengths[rows].max()))
+                part = hf_model(**{
+                    k: torch.from_numpy(numpy.ascontiguousarray(v[rows, :longest])).to(device)
+                    for k, v in inputs.items()
+                })
+                parts.append((torch.from_numpy(rows).to(device), longest, part))
+            return _merge(parts, n_rows, width)
+    finally:
+        hf_model.train(was_training)
+
+
+def _merge(parts: List[Tuple[torch.Tensor, int, Any]], n_rows: int, width: int) -> Any:
+    """One model output for the whole batch from the sub-batches' outputs, in row order:
+    ``last_hidden_state`` padded to ``width`` with zeros, other tensors by row."""
+    merged: Dict[str, torch.Tensor] = {}
+    for rows, longest, part in parts:
+        for key, value in part.items():
+            if key == "last_hidden_state":
+                if key not in merged:
+                    merged[key] = value.new_zeros((n_rows, width) + tuple(value.shape[2:]))
+                merged[key][rows, :longest] = value
+            else:
+                if key not in merged:
+                    merged[key] = value.new_zeros((n_rows,) + tuple(value.shape[1:]))
+                merged[key][rows] = value
+    return type(parts[0][2])(**merged)
