@@ -29,7 +29,6 @@ TRANSFORMER_ONLY = {"use_word_features": False, "char_dim": 0}
 
 
 def build_nlp(config_path=CONFIG, **model) -> Language:
-    model = {**TRANSFORMER_ONLY, **model}
     return build_trf_nlp(config_path, model, overrides={"paths.transformer": str(minilm.get_model_path())})
 
 
