@@ -1,9 +1,14 @@
-"""``python -m spacy_agban tag`` and ``python -m spacy_agban features export|import``."""
+"""``python -m spacy_agban tag``, ``detect`` (both engines) and ``features export|import``."""
+import functools
+import inspect
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 import typer
+
+from ..detection.cli import collect_sources
+from ..detection.cli import detect_command as detect_local
 
 from .core import PostColumns
 from .posts import InputError
@@ -24,9 +29,10 @@ def tag_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Posts per nlp.pipe batch"),
     image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder relative image paths resolve against (default: the pipeline's)"),
     allow_remote: Optional[bool] = typer.Option(None, "--allow-remote/--no-remote", help="Fetch http(s) and object-store images (default: the pipeline's setting)"),
-    part_size: int = typer.Option(10000, "--part-size", help="local: posts per output part (the resume unit)"),
-    output_format: str = typer.Option("parquet", "--output-format", help="local: parquet or jsonl"),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="local: go on after the parts already written"),
+    features: Optional[str] = typer.Option(None, "--features", help="A Parquet features dataset (folder or URI) read before the pipeline's store; new detections are added to it"),
+    part_size: int = typer.Option(10000, "--part-size", help="Posts per output part (the resume unit)"),
+    output_format: str = typer.Option("parquet", "--output-format", help="parquet or jsonl"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Go on after the parts already written"),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="local: run the detector (and spaCy, where cupy is installed) on this GPU"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (default: start a local one on 127.0.0.1)"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="ray: CPUs of the local cluster (default: enough for the stages)"),
@@ -36,7 +42,7 @@ def tag_command(
     detect_cpus: float = typer.Option(1.0, "--detect-cpus", help="ray: CPUs per detect actor"),
     tag_cpus: float = typer.Option(1.0, "--tag-cpus", help="ray: CPUs per tag actor"),
     detect_batch_size: int = typer.Option(16, "--detect-batch-size", help="ray: images per detect batch"),
-    input_format: str = typer.Option("auto", "--input-format", help="ray: auto, jsonl or parquet"),
+    detect_resource: Optional[List[str]] = typer.Option(None, "--detect-resource", help="ray: NAME=AMOUNT, a custom resource each detect actor needs (pins detection to the nodes that have it); repeatable"),
 ) -> dict:
     """Tag posts in bulk: entities, visual units used and errors, one row per post."""
     columns = PostColumns(id=id_key, text=text_key, image=image_key or None, caption=caption_key or None)
@@ -50,7 +56,7 @@ def tag_command(
 
             result = run_local(str(model), Path(input_path), Path(output), columns, part_size=part_size,
                                batch_size=batch_size, output_format=output_format, gpu_id=gpu_id,
-                               image_root=image_root, allow_remote=allow_remote, resume=resume)
+                               image_root=image_root, allow_remote=allow_remote, resume=resume, features=features)
         else:
             try:
                 import ray  # noqa: F401
@@ -61,14 +67,61 @@ def tag_command(
 
             options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus,
                                  detect_actors=detect_actors, tag_actors=tag_actors, detect_cpus=detect_cpus,
-                                 tag_cpus=tag_cpus, batch_size=batch_size, detect_batch_size=detect_batch_size)
-            result = run_ray(str(model), [input_path], output, columns, options, image_root=image_root,
-                             allow_remote=allow_remote, input_format_name=input_format)
+                                 tag_cpus=tag_cpus, batch_size=batch_size, detect_batch_size=detect_batch_size,
+                                 detect_resources=parse_resources(detect_resource or []))
+            result = run_ray(str(model), input_path, output, columns, options, image_root=image_root,
+                             allow_remote=allow_remote, features=features, part_size=part_size,
+                             output_format=output_format, resume=resume)
     except InputError as err:
         typer.echo(f"tag: {err}", err=True)
         raise typer.Exit(1)
     typer.echo(result["summary"])
     return result
+
+
+def parse_resources(specs: List[str]) -> Dict[str, float]:
+    """``["detect_node=1", "x"]`` -> ``{"detect_node": 1.0, "x": 1.0}``."""
+    out: Dict[str, float] = {}
+    for spec in specs:
+        name, _, amount = spec.partition("=")
+        try:
+            out[name.strip()] = float(amount) if amount else 1.0
+        except ValueError:
+            raise typer.BadParameter(f"--detect-resource {spec!r}: expected NAME=AMOUNT, e.g. detect_node=1") from None
+        if not name.strip() or out[name.strip()] <= 0:
+            raise typer.BadParameter(f"--detect-resource {spec!r}: expected NAME=AMOUNT with AMOUNT > 0")
+    return out
+
+
+@functools.wraps(detect_local)
+def detect_command(*args: Any, **kwargs: Any) -> Dict[str, Any]:
+    """Detect objects once and store their features: ``--engine local`` into the
+    SQLite store (:mod:`spacy_agban.detection.cli`), ``--engine ray`` into a Parquet
+    features dataset on a Ray cluster (here, so that detection/ never imports batch/)."""
+    bound = inspect.signature(detect_local).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if a["engine"] != "ray":
+        return detect_local(*args, **kwargs)
+    from .ray_engine import RayOptions, as_uri, run_ray_detect
+
+    try:
+        refs, root, why_not = collect_sources(a["source"], a["image_root"])
+    except typer.BadParameter as err:
+        typer.echo(f"detect: {err}", err=True)
+        raise typer.Exit(1)
+    if refs is None:
+        typer.echo(f"detect: {why_not}; nothing to do. The model will use captions/text only.")
+        return {"images": 0, "reason": why_not}
+    refs = refs[: a["limit"]] if a["limit"] is not None else refs
+    args_ = {k: a[k] for k in ("detector", "weights", "min_size", "max_size", "top_k", "batch_size", "score_threshold")}
+    summary = run_ray_detect(refs, str(root) if root else None, as_uri(a["store"]), args_, a["allow_remote"],
+                             RayOptions(address=a["address"], num_gpus=a["num_gpus"], detect_actors=a["actors"],
+                                        detect_batch_size=max(a["batch_size"], 16)))
+    typer.echo(f"detect (ray): {summary['images']} images: {summary['detected']} detected, "
+               f"{summary['cached']} already in {a['store']}, {summary['failed']} failed; "
+               f"{summary['images_per_second']:.2f} images/s, {summary['seconds']:.1f} s in all.")
+    return summary
 
 
 features_app = typer.Typer(help="Move detections between the SQLite store and a Parquet features dataset",
