@@ -49,6 +49,8 @@ OUTPUT_COLUMNS = ("id", "entities", "visual_units", "image_key", "image_status",
 BAD_INPUT = "bad_input"
 BAD_CAPTION = "bad_caption"
 DETECTOR = "detector"
+#: Reading an image's stored features failed (a damaged store row or dataset file).
+OBJECTS = "objects"
 TAG = "tag"
 #: Image failures are ``image_<ImageLoadError.kind>``: image_missing, image_corrupt, ...
 IMAGE_PREFIX = "image_"
@@ -300,7 +302,7 @@ def detect(batch: Batch, units: Any) -> Batch:
     indices = [i for i in range(n) if keys[i] is not None]
     images = [KeyedImage(keys[i], names[i], ImageSource(name=names[i], data=datas[i]) if datas[i] else None)
               for i in indices]
-    found = units.lookup(images) if images else {}
+    found = _lookup(units, images)
     for i in indices:
         outcome = found[keys[i]]
         if outcome.status in ("cached", "detected"):
@@ -310,7 +312,7 @@ def detect(batch: Batch, units: Any) -> Batch:
         else:
             status[i] = "failed"
             kind = outcome.kind or "failed"
-            label = DETECTOR if kind == "failed" else IMAGE_PREFIX + kind
+            label = {"failed": DETECTOR, OBJECTS: OBJECTS}.get(kind, IMAGE_PREFIX + kind)
             errors[i].append(error(label, f"{names[i]}: {outcome.reason or 'no result'}"))
     out = {k: v for k, v in batch.items() if k != "image_bytes"}
     out["errors"] = errors
@@ -321,6 +323,27 @@ def detect(batch: Batch, units: Any) -> Batch:
     out["obj_scores"] = [r[2] for r in rows]
     out["obj_boxes"] = [r[3] for r in rows]
     return out
+
+
+def _lookup(units: Any, images: List[Any]) -> Dict[str, Any]:
+    """``units.lookup`` on the batch; if it raises (a damaged store row, an
+    unreadable dataset file), once per image, so that the fault costs only the
+    images it concerns: each becomes an ``objects`` error on its rows."""
+    from ..detection.object_units import Outcome
+
+    if not images:
+        return {}
+    try:
+        return units.lookup(images)
+    except Exception:
+        pass
+    found: Dict[str, Any] = {}
+    for image in {im.key: im for im in images}.values():
+        try:
+            found.update(units.lookup([image]))
+        except Exception as err:
+            found[image.key] = Outcome("failed", None, image.ref, f"cannot get its objects: {err}", OBJECTS)
+    return found
 
 
 # -- 4. tagging --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``tag --engine ray`` and ``detect --engine ray``: the same steps on Ray Data.
 
     plan parts (driver: the reader of :mod:`.posts`, as the local engine)
-      -> read + parse each part (tasks)  -> image bytes + sha256 (tasks)
+      -> read + parse each part, its image bytes + sha256 (tasks, one per part)
       -> objects (actor pool: features dataset, store, detector on the misses)
       -> tag (CPU actor pool: the pipeline loaded once per actor)
       -> the driver writes each part once all its rows are back
@@ -76,13 +76,11 @@ class Stages:
     on purpose or time themselves; they must be importable on the workers)."""
 
     read: Any = None
-    load: Any = None
     objects: Any = None
     tag: Any = None
 
     def __post_init__(self) -> None:
         self.read = self.read or read_part_batch
-        self.load = self.load or load_images_batch
         self.objects = self.objects or ObjectsActor
         self.tag = self.tag or TagActor
 
@@ -141,8 +139,14 @@ def _stage_table(batch: core.Batch, names: Sequence[str]) -> Any:
     return core.to_table(batch, core.stage_schema(tuple(names) + PLACE_COLUMNS))
 
 
-def read_part_batch(table: Any, source: Dict[str, Any]) -> Any:
-    """Parts (``part``, ``segments``) -> their parsed posts, each with its place."""
+def read_part_batch(table: Any, source: Dict[str, Any], loader: Optional[Dict[str, Any]] = None) -> Any:
+    """Parts (``part``, ``segments``) -> their parsed posts, each with its place, and,
+    given image rules (``loader``), each post's image bytes and sha256.
+
+    One task per part and one block per part from here on (reading and loading in
+    one stage: Ray bundles the small part descriptors of a separate read stage up
+    to the next stage's batch size, and a bundle's rows come back together), so
+    parts come back, and are written, one by one."""
     from .posts import PostColumns
 
     src = Input(tuple(source["files"]), source["fmt"], PostColumns(**source["columns"]))
@@ -154,14 +158,12 @@ def read_part_batch(table: Any, source: Dict[str, Any]) -> Any:
             out[name].extend(batch[name])
         out["part"].extend([part] * n)
         out["row"].extend(range(n))
-    return _stage_table(out, core.POST_COLUMNS)
-
-
-def load_images_batch(table: Any, loader: Dict[str, Any]) -> Any:
+    if loader is None:
+        return _stage_table(out, core.POST_COLUMNS)
     from ..detection.images import ImageLoader
 
-    batch = core.load_images(table.to_pydict(), ImageLoader(**loader))
-    return _stage_table(batch, core.POST_COLUMNS + ("image_key", "image_bytes"))
+    out = core.load_images(out, ImageLoader(**loader))
+    return _stage_table(out, core.POST_COLUMNS + ("image_key", "image_bytes"))
 
 
 def _device(use_gpu: bool) -> str:
@@ -284,12 +286,10 @@ def run_ray(model: str, input_path: str, output: str, columns: core.PostColumns 
             items = [{"part": k, "segments": segments_to_json(segs)} for k, segs in todo]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             src = {"files": list(source.files), "fmt": source.fmt, "columns": asdict(source.columns)}
-            ds = ds.map_batches(stages.read, fn_kwargs={"source": src}, batch_format="pyarrow", batch_size=1,
-                                num_cpus=options.io_cpus)
+            loader = _loader_kwargs(model, changes) if objects else None
+            ds = ds.map_batches(stages.read, fn_kwargs={"source": src, "loader": loader}, batch_format="pyarrow",
+                                batch_size=1, num_cpus=options.io_cpus)
             if objects:
-                ds = ds.map_batches(stages.load, fn_kwargs={"loader": _loader_kwargs(model, changes)},
-                                    batch_format="pyarrow", batch_size=options.detect_batch_size,
-                                    num_cpus=options.io_cpus)
                 ds = ds.map_batches(stages.objects,
                                     fn_constructor_kwargs={"model": model, "changes": changes, "features": features,
                                                            "use_gpu": num_gpus > 0},

@@ -145,7 +145,7 @@ class ObjectUnits(ObjectUnitSource):
     def store(self) -> Optional[FeatureStore]:
         if self._store is None and self._store_arg is not None:
             # Only a source that detects writes to the store, so only it may create one.
-            self._store = FeatureStore(self._store_arg, create=self.detector is not None)  # type: ignore[arg-type]
+            self._store = FeatureStore(self._store_arg, create=self.detector is not None and self.write_store)  # type: ignore[arg-type]
         return self._store
 
     def pin_signature(self, signature: str) -> None:
