@@ -187,3 +187,42 @@ def test_stages_that_cannot_be_scheduled_fail_with_a_message() -> None:
     check_resources(Cluster(CPU=3), options, 1.0, detect=False)  # no detection: no GPU asked
     assert as_uri(Path("s3://bucket/features")) == "s3://bucket/features"
     assert as_uri(Path("relative/features")) == "relative/features"
+
+
+def test_parts_are_planned_across_files_and_named_by_file_and_line(tmp_path) -> None:
+    from spacy_agban.batch.posts import open_input, plan_parts, read_part
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b'{"id": 1, "text": "one"}\n\n{"id": 2, "text": "t\\r two"}\r\n{broken\n')
+    (folder / "b.jsonl").write_bytes(b'\n{"id": 4, "text": "four"}\n{"id": 5, "text": "five"}')
+    source = open_input(folder, core.PostColumns())
+    plan = plan_parts(source, 2)
+    assert [sum(s.count for s in part) for part in plan] == [2, 2, 1]
+    batches = [read_part(source, part) for part in plan]
+    assert [b["id"] for b in batches] == [["1", "2"], ["a.jsonl:4", "4"], ["5"]]
+    assert batches[0]["text"][1] == "t\r two"  # a carriage return inside a line ends nothing
+    assert "a.jsonl:4" in batches[1]["errors"][0][0]
+
+
+def test_a_lone_surrogate_is_an_error_row_not_a_failed_job(objects_model, tmp_path) -> None:
+    _, model = objects_model
+    source = write_jsonl(tmp_path / "p.jsonl", ['{"id": "s", "text": "Obama \\ud800 in Chicago", "caption": "x \\udc00"}',
+                                                 '{"id": "ok", "text": "Kolo is here"}'])
+    result = run_local(str(model), source, tmp_path / "out", progress=False)
+    rows = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert result["posts"] == 2 and sorted(rows) == ["ok", "s"]
+    assert rows["s"]["error_kinds"] == ["bad_caption", "bad_input"] and "surrogate" in rows["s"]["error"]
+    assert rows["ok"]["error"] is None
+
+
+def test_detection_never_imports_the_batch_package() -> None:
+    import ast
+
+    import spacy_agban.detection as detection
+
+    for path in Path(detection.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any("batch" in n for n in names), f"{path.name} imports {names}"

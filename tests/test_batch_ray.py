@@ -23,7 +23,7 @@ from spacy_agban.batch.local import run_local  # noqa: E402
 from spacy_agban.batch.posts import read_output  # noqa: E402
 from spacy_agban.batch.ray_engine import RayOptions, Stages, TagActor, run_ray  # noqa: E402
 
-TIMEOUT = 300  # per test, the module's setup included for the first test that needs it
+TIMEOUT = 600  # per test, the module's setup included for the first test that needs it
 BAD_IMAGES = {"p3": "missing.jpg", "p9": "broken.jpg", "p14": "../outside.jpg"}
 BAD_CAPTIONS = {"p5": "x" * (core.MAX_CAPTION_CHARS + 1), "p11": "y" * (core.MAX_CAPTION_CHARS + 5)}
 N_POSTS = 30
@@ -32,7 +32,7 @@ ADDRESS = re.compile(r" at 0x[0-9a-f]+")  # PIL names the in-memory file it coul
 #: Worker settings for a machine whose cores other jobs keep busy (Ray runs workers at
 #: nice 15 and gives them 60 s to register): set by the tests, not by the product.
 SMALL_MACHINE_ENV = {"RAY_worker_niceness": "0", "RAY_worker_register_timeout_seconds": "600",
-                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "token"}
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +329,27 @@ def test_the_local_cluster_listens_only_where_documented(cluster, detector_job) 
             continue
         unexpected.append((component, ip, port))
     assert not unexpected, f"listening where docs/ray.md does not say: {unexpected}"
+
+
+GUARD_SCRIPT = """
+import ray
+try:
+    ray.init(address={address!r}, log_to_driver=False)
+except Exception as err:
+    print("REFUSED", type(err).__name__, err)
+else:
+    print("ACCEPTED", ray.cluster_resources().get("CPU"))
+"""
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_a_client_without_the_clusters_token_is_refused(cluster) -> None:
+    """What guards the ports that listen on every interface: Ray's token authentication."""
+    assert os.environ.get("RAY_AUTH_MODE", "token") == "token"
+    script = GUARD_SCRIPT.format(address=ray.get_runtime_context().gcs_address)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token-" + "x" * 32}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert "REFUSED" in out.stdout and "ACCEPTED" not in out.stdout, (out.stdout[-2000:], out.stderr[-2000:])
 
 
 def _cluster_processes(psutil):

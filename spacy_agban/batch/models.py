@@ -104,8 +104,6 @@ def load_object_units(model: str, changes: Optional[Dict[str, Any]] = None, feat
     if shared and block.get("store") and not Path(block["store"]).is_file() and (block.get("detector") or features):
         block["store"] = None
     if not block.get("store") and not block.get("detector") and features:
-        block["store"] = None
-        block.pop("@misc", None)
         units = _object_units_without_store(block, features)
     else:
         units = registry.resolve({"units": block})["units"]

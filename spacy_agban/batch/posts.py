@@ -5,11 +5,16 @@ of them (read in name order). Every non-blank JSONL line and every Parquet row
 is one post and gives exactly one output row: a malformed one gives a row with
 an ``error``, never nothing.
 
+Both engines read the input the same way: :func:`plan_parts` cuts it into parts
+of ``part_size`` posts (one pass over JSONL files, in binary: lines end at
+``b"\n"`` only), and :func:`read_part` reads and parses one part (on the Ray
+engine, in a worker), naming each post by its place (``file:line``).
+
 Output: a folder of ``part-NNNNNN.parquet`` (or ``.jsonl``) files, part ``k``
 holding input posts ``k * part_size`` to ``(k + 1) * part_size - 1`` in input
 order, plus ``_job.json`` (what the parts were made from). A part is written to
 a temporary name and renamed when complete, so an interrupted run leaves only
-complete parts, and the next run starts after the last one.
+complete parts, and the next run redoes only the missing ones.
 """
 import json
 import os

@@ -95,7 +95,8 @@ def needed_cpus(options: RayOptions, detect: bool = True) -> float:
 @contextmanager
 def cluster(options: RayOptions, detect: bool = True) -> Iterator[Any]:
     """Join ``options.address``, use the cluster already started in this process,
-    or start a local one without a dashboard (shut down after)."""
+    or start a local one without a dashboard and with token authentication (shut
+    down after)."""
     import ray
 
     started = False
@@ -104,6 +105,11 @@ def cluster(options: RayOptions, detect: bool = True) -> Iterator[Any]:
             ray.init(address=options.address)
         else:
             cpus = options.num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus(options, detect)))
+            # Ray's servers listen on every interface (it offers no option to narrow
+            # that): a bearer token must guard them. Ray 2.60 turns it on for a new
+            # local cluster by itself; 2.52-2.5x only when asked. A user's own
+            # RAY_AUTH_MODE wins.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(num_cpus=cpus, include_dashboard=False)
         started = True
     try:
