@@ -306,17 +306,18 @@ def main(
         model = make_pipeline(work, min_size)
         runs = [run_local_once(model, posts_path, work / "out_local", work / "objects.sqlite")]
         features = work / "features"  # filled by the first Ray run, read by the ones after
+        part_size = max(1, posts // 8)
         for actors in (1, 2):
             runs.append(run_ray_once(model, posts_path, work / f"out_ray{actors}", actors, work / f"timings{actors}",
-                                     features=features if actors == 1 else None))
+                                     features=features if actors == 1 else None, part_size=part_size))
         # the same job again over the same images: features read, nothing detected
-        hit = run_ray_once(model, posts_path, work / "out_hit", 1, work / "timings_hit", features=features)
+        hit = run_ray_once(model, posts_path, work / "out_hit", 1, work / "timings_hit", features=features,
+                           part_size=part_size)
         hit["engine"] = "ray (features read)"
         runs.append(hit)
-        # resuming: a job whose first half of parts is written (as a killed one leaves it)
-        part_size = max(1, posts // 8)
+        # resuming: the first Ray job's folder with its last 4 of 8 parts gone (as a killed job leaves it)
         resume_out = work / "out_resume"
-        run_ray_once(model, posts_path, resume_out, 1, work / "timings_full", features=features, part_size=part_size)
+        shutil.copytree(work / "out_ray1", resume_out)
         for part in sorted(resume_out.glob("part-*.parquet"))[4:]:
             part.unlink()
         resumed = run_ray_once(model, posts_path, resume_out, 1, work / "timings_resume", features=features,

@@ -21,7 +21,7 @@ from spacy_agban.batch import core  # noqa: E402
 from spacy_agban.batch.features import FeatureDataset, export_store  # noqa: E402
 from spacy_agban.batch.local import run_local  # noqa: E402
 from spacy_agban.batch.posts import read_output  # noqa: E402
-from spacy_agban.batch.ray_engine import RayOptions, Stages, TagActor, run_ray  # noqa: E402
+from spacy_agban.batch.ray_engine import RayOptions, run_ray  # noqa: E402
 
 TIMEOUT = 600  # per test, the module's setup included for the first test that needs it
 BAD_IMAGES = {"p3": "missing.jpg", "p9": "broken.jpg", "p14": "../outside.jpg"}
@@ -32,7 +32,7 @@ ADDRESS = re.compile(r" at 0x[0-9a-f]+")  # PIL names the in-memory file it coul
 #: Worker settings for a machine whose cores other jobs keep busy (Ray runs workers at
 #: nice 15 and gives them 60 s to register): set by the tests, not by the product.
 SMALL_MACHINE_ENV = {"RAY_worker_niceness": "0", "RAY_worker_register_timeout_seconds": "600",
-                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "token"}
+                     "RAY_prestart_worker_first_driver": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ run_ray({model!r}, {inputs!r}, {out!r}, part_size=4, features={features!r},
 """
 
 
-@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.timeout(2 * TIMEOUT)  # a second driver's start-up, its actors' and the rerun's
 def test_ray_job_resumes_after_its_driver_is_killed(world, detector_job, cluster) -> None:
     out = world["root"] / "ray-resume"
     script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), model=str(world["model"]),
@@ -247,7 +247,7 @@ def test_ray_job_resumes_after_its_driver_is_killed(world, detector_job, cluster
     driver = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 200
+        deadline = time.monotonic() + TIMEOUT
         while not list(out.glob("part-*.parquet")):
             assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no part written"

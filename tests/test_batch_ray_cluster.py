@@ -2,11 +2,9 @@
 machine (``ray.cluster_utils.Cluster``), one node carrying a custom resource that
 stands in for a GPU. Detect actors must land there only, tag actors elsewhere, and
 removing a worker node mid-run must lose no row."""
-import os
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +18,7 @@ from spacy_agban.batch.ray_engine import ObjectsActor, RayOptions, Stages, TagAc
 
 N_POSTS = 24
 SMALL_MACHINE_ENV = {"RAY_worker_niceness": "0", "RAY_worker_register_timeout_seconds": "600",
-                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+                     "RAY_prestart_worker_first_driver": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ Each step catches failures per row: a bad image or caption costs that post its
 image or caption (it is still tagged from the rest) and adds an error to it.
 """
 import contextlib
-import hashlib
 import json
 import math
 import re
@@ -32,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy
 
-from ..detection.images import ImageLoader, ImageLoadError, ImageSource, is_url
+from ..detection.images import ImageLoader, ImageLoadError, ImageSource
 from ..detection.store import Detections
 from ..visual_units import ObjectUnitSource
 
@@ -504,10 +503,6 @@ def format_summary(counts: Counter, seconds: float, engine: str) -> str:
     if errors:
         lines.append("errors by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))
     return "\n".join(lines)
-
-
-def short_hash(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()[:12]
 
 
 # -- Arrow schemas (pyarrow is imported only when a schema is asked for) ----------------------

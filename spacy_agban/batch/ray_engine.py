@@ -22,7 +22,6 @@ an ``error``; an actor that dies is restarted by Ray and its batch run again.
 
 Ray is imported inside the functions: the package works without it.
 """
-import json
 import math
 import os
 import time
@@ -95,8 +94,7 @@ def needed_cpus(options: RayOptions, detect: bool = True) -> float:
 @contextmanager
 def cluster(options: RayOptions, detect: bool = True) -> Iterator[Any]:
     """Join ``options.address``, use the cluster already started in this process,
-    or start a local one without a dashboard and with token authentication (shut
-    down after)."""
+    or start a local one without a dashboard (shut down after)."""
     import ray
 
     started = False
@@ -106,10 +104,9 @@ def cluster(options: RayOptions, detect: bool = True) -> Iterator[Any]:
         else:
             cpus = options.num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus(options, detect)))
             # Ray's servers listen on every interface (it offers no option to narrow
-            # that): a bearer token must guard them. Ray 2.60 turns it on for a new
-            # local cluster by itself; 2.52-2.5x only when asked. A user's own
-            # RAY_AUTH_MODE wins.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            # that); its token authentication guards them. Ray reads RAY_AUTH_MODE
+            # when imported, so it is the user's to set (docs/ray.md); 2.60 turns
+            # the token on by itself for a new local cluster.
             ray.init(num_cpus=cpus, include_dashboard=False)
         started = True
     try:
@@ -333,14 +330,6 @@ def collect_parts(ds: Any, expected: Dict[int, int], parts: Parts, counts: Count
         raise RuntimeError(f"parts {sorted(pending)} came back incomplete; rerun to redo them")
 
 
-def summarize_output(path: str) -> Counter:
-    """Counts over a finished job's parts (two small columns read)."""
-    import pyarrow.dataset as pds
-
-    table = pds.dataset(path, format="parquet").to_table(columns=["id", "error_kinds", "image_status"])
-    return core.count_rows(table.to_pydict())
-
-
 # -- detect into a features dataset ------------------------------------------------------------
 
 
@@ -395,7 +384,7 @@ def run_ray_detect(refs: List[str], root_dir: Optional[str], features: str, dete
         start = time.perf_counter()
         items = [{"id": ref, "text": "", "image": ref, "caption": None, "errors": []} for ref in refs]
         ds = ray.data.from_items(items)
-        ds = ds.map_batches(load_images_batch_plain, fn_kwargs={"loader": loader}, batch_format="pyarrow",
+        ds = ds.map_batches(load_images_batch, fn_kwargs={"loader": loader}, batch_format="pyarrow",
                             batch_size=options.detect_batch_size, num_cpus=options.io_cpus)
         ds = ds.map_batches(DetectFeaturesActor,
                             fn_constructor_kwargs={"detector_args": detector_args, "loader": loader,
@@ -418,7 +407,8 @@ def run_ray_detect(refs: List[str], root_dir: Optional[str], features: str, dete
             "failures": failures, "num_gpus_per_detect_actor": num_gpus}
 
 
-def load_images_batch_plain(table: Any, loader: Dict[str, Any]) -> Any:
+def load_images_batch(table: Any, loader: Dict[str, Any]) -> Any:
+    """Image references -> their bytes and sha256 (``detect --engine ray``)."""
     from ..detection.images import ImageLoader
 
     batch = core.load_images(table.to_pydict(), ImageLoader(**loader))
