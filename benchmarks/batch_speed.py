@@ -294,6 +294,7 @@ def main(
     min_size: int = typer.Option(480, help="Detector input size (short side)"),
     work: Path = typer.Option(None, help="Work folder (default: a temporary one, removed after)"),
     out: Path = typer.Option(ROOT / "metrics" / "batch_speed", help="Report path without suffix"),
+    ray_actors: str = typer.Option("1,2", help="Actors per stage of the Ray runs (comma-separated; the first fills the features dataset)"),
 ) -> None:
     import ray
 
@@ -307,9 +308,10 @@ def main(
         runs = [run_local_once(model, posts_path, work / "out_local", work / "objects.sqlite")]
         features = work / "features"  # filled by the first Ray run, read by the ones after
         part_size = max(1, posts // 8)
-        for actors in (1, 2):
+        counts = [int(a) for a in ray_actors.split(",")]
+        for k, actors in enumerate(counts):
             runs.append(run_ray_once(model, posts_path, work / f"out_ray{actors}", actors, work / f"timings{actors}",
-                                     features=features if actors == 1 else None, part_size=part_size))
+                                     features=features if k == 0 else None, part_size=part_size))
         # the same job again over the same images: features read, nothing detected
         hit = run_ray_once(model, posts_path, work / "out_hit", 1, work / "timings_hit", features=features,
                            part_size=part_size)
@@ -317,7 +319,7 @@ def main(
         runs.append(hit)
         # resuming: the first Ray job's folder with its last 4 of 8 parts gone (as a killed job leaves it)
         resume_out = work / "out_resume"
-        shutil.copytree(work / "out_ray1", resume_out)
+        shutil.copytree(work / f"out_ray{counts[0]}", resume_out)
         for part in sorted(resume_out.glob("part-*.parquet"))[4:]:
             part.unlink()
         resumed = run_ray_once(model, posts_path, resume_out, 1, work / "timings_resume", features=features,
