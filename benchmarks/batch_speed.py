@@ -98,7 +98,7 @@ def make_pipeline(work: Path, min_size: int) -> Path:
     units = {"@misc": "spacy_agban.ObjectUnits.v1", "store": str(work / "objects.sqlite"),
              "image_root": str(work / "images"), "top_k": 3,
              "detector": {"@misc": "spacy_agban.FasterRCNNMobileNetDetector.v1", "weights": str(weights), **detector}}
-    # the paper's full-size AGBAN over objects (the default of configs/agban_objects.cfg)
+    # the paper's full-size AGBAN over objects (the agban_objects model of configs/variants.yml)
     model = {"fusion": "gban", "adversarial": True}
     nlp.add_pipe("agban", config={"model": model, "object_units": units})
     examples = []

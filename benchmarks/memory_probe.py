@@ -1,6 +1,6 @@
 """Probe training memory: RSS (and glibc heap stats) against steps, one factor at a time.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.memory_probe --config configs/agban.cfg \
+    OMP_NUM_THREADS=1 python -m benchmarks.memory_probe --config concat \
         --steps 1500 --mode train --label baseline --out metrics/memory_probe.json
 
 builds the pipeline from the config (``init_nlp``) and calls ``nlp.update`` on shuffled
@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import typer
 
-from .paths import ROOT, relative, without_machine_paths
+from .paths import ROOT, without_machine_paths
 
 app = typer.Typer(add_completion=False)
 ENV_FACTORS = ("MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_MMAP_THRESHOLD_",
@@ -86,7 +86,7 @@ def slope(rows: List[Dict[str, float]], key: str, skip: int) -> Optional[float]:
 
 @app.command()
 def run(
-    config: Path = typer.Option(ROOT / "configs" / "agban.cfg"),
+    config: str = typer.Option("concat", help="A model name (configs/, variants.yml) or a .cfg path"),
     train: Path = typer.Option(ROOT / "corpus" / "train.spacy"),
     dev: Path = typer.Option(ROOT / "corpus" / "dev.spacy"),
     vectors: str = typer.Option(str(ROOT / "vectors" / "glove-6b-50d")),
@@ -119,15 +119,15 @@ def run(
 
     import torch
     import spacy
-    from spacy.training import Corpus
     from spacy.training.initialize import init_nlp
-    from spacy.util import load_config
     from thinc.api import fix_random_seed
 
     import spacy_agban  # noqa: F401  (registers the component)
+    from spacy_agban.corpus import VisualContextCorpus
+    from spacy_agban.variants import load_model_config
 
     torch.backends.mkldnn.enabled = mkldnn
-    cfg = load_config(config, overrides={
+    cfg = load_model_config(config, ROOT / "configs", overrides={
         "paths.train": str(train), "paths.dev": str(dev), "paths.vectors": vectors,
     }, interpolate=False)
     fix_random_seed(0)
@@ -139,8 +139,8 @@ def run(
             from thinc.api import PyTorchShim
             shim.__class__ = PyTorchShim
         shim_class = type(shim).__name__
-    examples = list(Corpus(str(train))(nlp))
-    dev_examples = list(Corpus(str(dev))(nlp)) if eval_every else []
+    examples = list(VisualContextCorpus(str(train))(nlp))
+    dev_examples = list(VisualContextCorpus(str(dev))(nlp)) if eval_every else []
     from spacy_agban.corpus import with_visual_context
     examples = [with_visual_context(eg) for eg in examples]
     dev_examples = [with_visual_context(eg) for eg in dev_examples]
@@ -199,7 +199,7 @@ def run(
         top.insert(0, {"python_traced_mb": round(tracemalloc.get_traced_memory()[0] / 1e6, 1)})
     skip = min(300, steps // 3)
     result = {
-        "config": relative(str(config)), "mode": mode, "steps": steps, "mkldnn": mkldnn,
+        "config": config, "mode": mode, "steps": steps, "mkldnn": mkldnn,
         "trim_every": trim_every, "shim": shim_class,
         "gc_every": gc_every, "eval_every": eval_every,
         "env": {k: os.environ[k] for k in ENV_FACTORS if k in os.environ},

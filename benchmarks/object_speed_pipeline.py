@@ -6,7 +6,7 @@
 What is real: the code path of a user with a filled feature store. Every test post gets an
 image file (a synthetic JPEG, 400x300, under OUT/images, named as in ``doc._.image``), the
 store holds 3 objects (1024-d) for each image's content hash, and the pipeline is
-``configs/agban_objects.cfg`` (object units only: its ``caption_units = null``, so the
+the ``agban_objects`` model of configs/variants.yml (object units only: its ``caption_units = null``, so the
 benchmark measures the object path alone), initialized on 200 training posts.
 What is not: the features are random and the weights untrained (no detector weights or
 Twitter-2015 images here), so its *predictions* mean nothing; the work per post (read and
@@ -20,11 +20,11 @@ import typer
 from PIL import Image
 from spacy.training import Example
 from spacy.training.initialize import load_vectors_into_model
-from spacy.util import load_config
 
 import spacy_agban  # noqa: F401  (registrations)
 from spacy_agban.detection.object_units import ObjectUnits
 from spacy_agban.detection.store import Detections, FeatureStore
+from spacy_agban.variants import load_model_config
 from spacy_agban.docs_io import fresh_doc, read_references
 
 from .paths import ROOT
@@ -36,7 +36,7 @@ def main(
     out: Path = typer.Argument(..., help="Folder for images/, objects.sqlite and model/"),
     test: Path = typer.Option(ROOT / "corpus" / "test.spacy"),
     train: Path = typer.Option(ROOT / "corpus" / "train.spacy"),
-    config: Path = typer.Option(ROOT / "configs" / "agban_objects.cfg"),
+    config: str = typer.Option("agban_objects", help="A model name (configs/, variants.yml) or a .cfg path"),
     seed: int = typer.Option(0),
 ) -> None:
     rng = numpy.random.default_rng(seed)
@@ -65,7 +65,7 @@ def main(
         )))
     store.put_many(entries, SIGNATURE)
     store.close()
-    cfg = load_config(config, overrides={
+    cfg = load_model_config(config, ROOT / "configs", interpolate=False, overrides={
         "paths.object_store": str(store_path), "paths.images": str(images),
         "paths.vectors": str(ROOT / "vectors" / "glove-6b-50d"),
     })

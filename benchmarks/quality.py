@@ -1,6 +1,7 @@
 """Test-split quality over seeds: Table III (rows), Table IV (per type), Table VI (k).
 
-For each (row, seed[, k]) it runs ``spacy train configs/<row>.cfg`` (model-best chosen
+For each (row, seed[, k]) it runs ``spacy train`` on the row's config (a model name:
+configs/<row>.cfg or a variant in configs/variants.yml, with its overrides; model-best chosen
 on dev by spaCy), then ``spacy evaluate model-best <test>``, and writes one metrics JSON
 per run; a run whose JSON exists is skipped, a finished training is not repeated.
 Nothing is chosen on the test split: the row shown per type is the best on dev.
@@ -18,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import srsly
 import typer
 from thinc.api import Config
+
+from spacy_agban.variants import load_model_config, resolve
 
 from .machine import machine, machine_line
 from .paths import ROOT, relative
@@ -60,42 +63,28 @@ def parse_existing(value: str) -> Run:
     return Run(row=row, seed=int(seed), existing=Path(path))
 
 
-def has_caption_units(config_path: Path) -> bool:
-    config = Config().from_disk(config_path, interpolate=False)
-    return bool(config["components"].get("agban", {}).get("caption_units"))
-
-
 # Rows measured before the configs trained for posts without visual context (the
 # paper's training: visual_dropout = 0, cross_view = 0) carry this suffix.
 PAPER_SUFFIX = "_paper"
 
 
-VARIANTS = "variants.yml"
-
-
 def row_config(row: str, configs: Path = ROOT / "configs") -> Tuple[Path, Dict[str, object]]:
-    """The config a row trains with and its overrides: a variant named in
-    configs/variants.yml (a Table III row: ``agban`` is the paper's model, whatever
-    configs/agban.cfg defaults to), else configs/<row>.cfg."""
-    variants = srsly.read_yaml(configs / VARIANTS) if (configs / VARIANTS).exists() else {}
-    if row in variants:
-        variant = variants[row]
-        return configs / f"{variant['base']}.cfg", dict(variant.get("overrides", {}))
-    path = configs / f"{row}.cfg"
-    if not path.exists():
-        raise typer.BadParameter(
-            f"no config for row {row!r}: neither a variant in {configs / VARIANTS} nor {path}"
-        )
-    return path, {}
+    """The config a row trains with and its overrides: the model name resolved as
+    ``python -m spacy_agban train`` and project.yml resolve it (spacy_agban/variants.py):
+    a variant in configs/variants.yml (``agban`` is the paper's model) or configs/<row>.cfg."""
+    try:
+        return resolve(row, configs)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
 
 
 def config_top_k(row: str, configs: Path = ROOT / "configs") -> Optional[int]:
     """The caption top_k that a row trains with (None without caption units)."""
     try:
-        path, _ = row_config(row.removesuffix(PAPER_SUFFIX), configs)
-    except typer.BadParameter:
+        config = load_model_config(row.removesuffix(PAPER_SUFFIX), configs, interpolate=False)
+    except ValueError:
         return None
-    units = Config().from_disk(path, interpolate=False)["components"].get("agban", {}).get("caption_units")
+    units = config["components"].get("agban", {}).get("caption_units")
     return int(units.get("top_k", 8)) if units else None
 
 
@@ -363,11 +352,11 @@ def main(
     taken = {(r.row, r.seed) for r in runs}
     ks = [int(k) for k in split_list(k_values)]
     for row in split_list(rows):
-        config, _ = row_config(row, configs)
+        row_config(row, configs)  # an unknown row stops here, before any training
         for seed in (int(s) for s in split_list(seeds)):
             if (row, seed) not in taken:
                 runs.append(Run(row=row, seed=seed))
-            if ks and has_caption_units(config):
+            if ks and config_top_k(row, configs) is not None:
                 runs += [Run(row=row, seed=seed, k=k) for k in ks]
     typer.echo(f"{len(runs)} runs")
     for run in runs:

@@ -34,8 +34,7 @@ DEFAULT_MODELS = [
     "agban=training/runs/agban-s0/model-best",
     "spacy_ner=training/bench/spacy_ner-s0/model-best",
 ]
-DEFAULT_TRAIN = ["text=configs/bilstm_crf.cfg", "default=configs/agban.cfg",
-                 "spacy_ner=configs/spacy_ner.cfg"]
+DEFAULT_TRAIN = ["text=bilstm_crf", "default=concat", "spacy_ner=spacy_ner"]
 RESULT_PREFIX = "BENCH-RESULT "
 
 app = typer.Typer(add_completion=False)
@@ -153,10 +152,9 @@ def infer_memory_worker(model: str = typer.Option(...), test: Path = typer.Optio
 
 
 @app.command("train-steps", hidden=True)
-def train_worker(config: Path = typer.Option(...), steps: int = typer.Option(30),
+def train_worker(config: str = typer.Option(..., help="A model name or a .cfg path"), steps: int = typer.Option(30),
                  warmup: int = typer.Option(3), seed: int = typer.Option(0)) -> None:
     """Time ``steps`` updates on real training batches (after ``warmup``), peak RSS."""
-    from spacy import util
     from spacy.schemas import ConfigSchemaTraining
     from spacy.training.initialize import init_nlp
     from spacy.util import registry, resolve_dot_names
@@ -164,7 +162,9 @@ def train_worker(config: Path = typer.Option(...), steps: int = typer.Option(30)
     import spacy_agban  # noqa: F401
     import spacy_agban.baseline  # noqa: F401
 
-    config_obj = util.load_config(ROOT / config, overrides={"system.seed": seed}, interpolate=False)
+    from spacy_agban.variants import load_model_config
+
+    config_obj = load_model_config(config, ROOT / "configs", overrides={"system.seed": seed}, interpolate=False)
     start = time.perf_counter()
     nlp = init_nlp(config_obj, use_gpu=-1)
     init_seconds = time.perf_counter() - start
@@ -283,7 +283,7 @@ def markdown(result: Dict) -> str:
 @app.command("run")
 def main(
     model: List[str] = typer.Option(DEFAULT_MODELS, help="NAME=PATH of a trained pipeline (repeat)"),
-    train_config: List[str] = typer.Option(DEFAULT_TRAIN, help="NAME=CONFIG to time training for (repeat)"),
+    train_config: List[str] = typer.Option(DEFAULT_TRAIN, help="NAME=MODEL to time training for (repeat): a model name (configs/, variants.yml) or a .cfg"),
     reference: str = typer.Option("spacy_ner", help="The pipeline the ratios are taken to"),
     test: Path = typer.Option(ROOT / "corpus" / "test.spacy", help="Test DocBin"),
     limit: int = typer.Option(0, help="Use the first N test docs (0: all)"),

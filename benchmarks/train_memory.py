@@ -1,9 +1,9 @@
 """Run trainings side by side and record each one's RSS against its training step.
 
-    python -m benchmarks.train_memory --run agban="configs/agban.cfg --output training/mem/agban" \
-        --run text="configs/bilstm_crf.cfg --output training/mem/text" --out metrics/train_memory.json
+    python -m benchmarks.train_memory --run concat="concat --output training/mem/concat" \
+        --run text="bilstm_crf --output training/mem/text" --out metrics/train_memory.json
 
-Each ``--run NAME="ARGS"`` is ``python -m spacy train ARGS`` with its own JSONL log (the
+Each ``--run NAME="ARGS"`` is ``python -m spacy_agban train ARGS`` (a model name or a .cfg path, then spaCy's options) with its own JSONL log (the
 step comes from the last line spaCy's logger wrote) and ``OMP_NUM_THREADS=1``. Every
 ``--every`` seconds the script samples the resident memory of each training process
 and its children. The runs start together, so they share the machine the same way
@@ -87,7 +87,7 @@ def main(
             raise typer.BadParameter(f"--run takes NAME=ARGS, got {item!r}")
         jsonls[name] = logs / f"{name}.jsonl"
         jsonls[name].unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "spacy", "train", *shlex.split(args),
+        cmd = [sys.executable, "-m", "spacy_agban", "train", *shlex.split(args),
                "--training.logger.output_file", str(jsonls[name])]
         log = (logs / f"{name}.log").open("w")
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)

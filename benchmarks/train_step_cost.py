@@ -1,8 +1,8 @@
 """Training cost per step of several configurations, interleaved in one process.
 
     python -m benchmarks.train_step_cost \
-        --variant paper="configs/agban.cfg components.agban.model.visual_dropout=0 components.agban.model.cross_view=0" \
-        --variant default="configs/agban.cfg" --steps 40
+        --variant paper="concat components.agban.model.visual_dropout=0 components.agban.model.cross_view=0" \
+        --variant default="concat" --steps 40
 
 Each variant is a config plus ``KEY=VALUE`` overrides. All pipelines are initialized
 first, then the same real training batches go through ``nlp.update`` in turn
@@ -33,7 +33,6 @@ def parse_value(text: str) -> object:
 
 
 def init_variant(spec: str, seed: int):
-    from spacy import util
     from spacy.schemas import ConfigSchemaTraining
     from spacy.training.initialize import init_nlp
     from spacy.util import registry, resolve_dot_names
@@ -47,7 +46,9 @@ def init_variant(spec: str, seed: int):
         if not sep:
             raise typer.BadParameter(f"override {pair!r} is not KEY=VALUE")
         overrides[key] = parse_value(value)
-    config = util.load_config(ROOT / config_path, overrides=overrides, interpolate=False)
+    from spacy_agban.variants import load_model_config
+
+    config = load_model_config(config_path, ROOT / "configs", overrides=overrides, interpolate=False)
     nlp = init_nlp(config, use_gpu=-1)
     T = registry.resolve(nlp.config.interpolate()["training"], schema=ConfigSchemaTraining)
     (train_corpus,) = resolve_dot_names(nlp.config.interpolate(), [T["train_corpus"]])

@@ -17,95 +17,10 @@ from .shim import with_in_place_updates
 from .visual_units import DocUnits
 
 AGBANInput = Tuple[List[Doc], List[DocUnits], Optional[List[List[int]]]]
-HYPERPARAMS = (
-    "fusion", "adversarial", "grl_lambda", "word_dim", "char_dim", "char_hidden", "hidden",
-    "gban_dim", "gate_dim", "discriminator_hidden", "dropout", "max_word_chars",
-)
-# AGBAN.v3's training settings for posts without visual context; v1/v2 keep the
-# module's defaults (all off), so their behaviour does not change.
-ROBUSTNESS = (
-    "visual_dropout", "source_dropout", "cross_view", "adversarial_reduction", "grl_warmup_steps",
-)
-
-
-@registry.architectures("spacy_agban.AGBAN.v1")
-def build_agban_model(
-    fusion: str = "gban",
-    adversarial: bool = True,
-    grl_lambda: float = 1.0,
-    word_dim: int = 50,
-    char_dim: int = 30,
-    char_hidden: int = 50,
-    hidden: int = 200,
-    gban_dim: int = 200,
-    gate_dim: int = 200,
-    discriminator_hidden: int = 200,
-    dropout: float = 0.5,
-    max_word_chars: int = 20,
-    token_encoder: Optional[Model[List[Doc], List[Floats2d]]] = None,
-    mixed_precision: bool = False,
-) -> Model[AGBANInput, Output]:
-    """AGBAN (Zheng et al. 2020) as a Thinc model over (docs, visual units, gold tags).
-
-    fusion: "none" (BiLSTM-CRF), "concat", "ban" or "gban" (Table III rows).
-    adversarial: the modality discriminator behind a gradient reversal layer.
-    token_encoder: optional extra token features (e.g. a spacy-transformers listener),
-        concatenated to the word and char features before the word BiLSTM.
-    The torch module is built in ``initialize``, once the pipe has set the sizes that
-    depend on data (tags, training vocabulary, vector width, unit sources).
-    """
-    attrs: Dict[str, Any] = {name: value for name, value in locals().items() if name in HYPERPARAMS}
-    # dropout_rate is what thinc's set_dropout_rate (called by the pipe's update with
-    # its drop) sets: the rate the next training forward uses, ``dropout`` until then
-    attrs.update(mixed_precision=mixed_precision, sizes=None, featurizer=None, dropout_rate=dropout)
-    layers = [token_encoder] if token_encoder is not None else []
-    model: Model = Model("agban", agban_forward, init=agban_init, layers=layers, attrs=attrs)
-    if token_encoder is not None:
-        model.set_ref("token_encoder", token_encoder)
-    return model
-
-
-@registry.architectures("spacy_agban.AGBAN.v2")
-def build_agban_model_v2(
-    fusion: str = "gban",
-    adversarial: bool = True,
-    grl_lambda: float = 1.0,
-    use_word_features: bool = True,
-    word_dim: int = 50,
-    char_dim: int = 30,
-    char_hidden: int = 50,
-    hidden: int = 200,
-    gban_dim: int = 200,
-    gate_dim: int = 200,
-    discriminator_hidden: int = 200,
-    dropout: float = 0.5,
-    max_word_chars: int = 20,
-    token_encoder: Optional[Model[List[Doc], List[Floats2d]]] = None,
-    mixed_precision: bool = False,
-) -> Model[AGBANInput, Output]:
-    """AGBAN.v1 with a switch for the paper's word features (GloVe + trainable table).
-
-    use_word_features=False with char_dim=0 leaves the token_encoder (e.g. a
-    spacy-transformers listener) as the only token features; with the defaults this
-    is the same model as v1.
-    """
-    if not use_word_features and not char_dim and token_encoder is None:
-        raise ValueError(
-            "AGBAN.v2 needs token features: use_word_features, char_dim > 0 or a token_encoder"
-        )
-    model = build_agban_model(
-        fusion=fusion, adversarial=adversarial, grl_lambda=grl_lambda, word_dim=word_dim,
-        char_dim=char_dim, char_hidden=char_hidden, hidden=hidden, gban_dim=gban_dim,
-        gate_dim=gate_dim, discriminator_hidden=discriminator_hidden, dropout=dropout,
-        max_word_chars=max_word_chars, token_encoder=token_encoder,
-        mixed_precision=mixed_precision,
-    )
-    model.attrs["use_word_features"] = use_word_features
-    return model
 
 
 @registry.architectures("spacy_agban.AGBAN.v3")
-def build_agban_model_v3(
+def build_agban_model(
     fusion: str = "gban",
     adversarial: bool = True,
     grl_lambda: float = 1.0,
@@ -127,31 +42,67 @@ def build_agban_model_v3(
     token_encoder: Optional[Model[List[Doc], List[Floats2d]]] = None,
     mixed_precision: bool = False,
 ) -> Model[AGBANInput, Output]:
-    """AGBAN.v2 trained to tag posts with *and without* visual context.
+    """AGBAN (Zheng et al. 2020) as a Thinc model over (docs, visual units, gold tags).
 
+    The one live version of the architecture; ``spacy_agban/legacy.py`` maps the
+    older names (AGBAN.v1, .v2) onto it. With the defaults it is the paper's model.
+
+    fusion: "none" (BiLSTM-CRF), "concat", "ban" or "gban" (Table III rows).
+    adversarial: the modality discriminator behind a gradient reversal layer.
+    use_word_features: the paper's word features (GloVe + a trainable table); false
+        with char_dim = 0 leaves the token_encoder as the only token features.
+    token_encoder: optional extra token features (e.g. a spacy-transformers listener),
+        concatenated to the word and char features before the word BiLSTM.
+    Training for posts without visual context (docs/visual_context.md), all off by
+    default (the paper's training); none of them acts at prediction time:
     visual_dropout: probability that a training doc's units are all masked (the
-        text path alone must tag it); never applied at prediction time.
+        text path alone must tag it).
     source_dropout: probability that one source (objects, caption) of a training doc
         with several is masked.
     cross_view: weight of KL(multimodal || text-only) between the two views' CRF tag
         marginals (ITA's cross-view alignment); 0 turns it off.
-    adversarial_reduction: "mean" (v1/v2) or "sum" (on the CRF loss's scale).
+    adversarial_reduction: "mean" (the paper) or "sum" (on the CRF loss's scale).
     grl_warmup_steps: DANN's schedule for the GRL weight, rising from 0 to
         grl_lambda over that many training steps; 0 = grl_lambda throughout.
-    With all five at their defaults this is AGBAN.v2 exactly.
+    The torch module is built in ``initialize``, once the pipe has set the sizes that
+    depend on data (tags, training vocabulary, vector width, unit sources).
     """
-    model = build_agban_model_v2(
-        fusion=fusion, adversarial=adversarial, grl_lambda=grl_lambda,
-        use_word_features=use_word_features, word_dim=word_dim, char_dim=char_dim,
-        char_hidden=char_hidden, hidden=hidden, gban_dim=gban_dim, gate_dim=gate_dim,
-        discriminator_hidden=discriminator_hidden, dropout=dropout,
-        max_word_chars=max_word_chars, token_encoder=token_encoder,
-        mixed_precision=mixed_precision,
-    )
-    model.attrs.update(
-        visual_dropout=visual_dropout, source_dropout=source_dropout, cross_view=cross_view,
-        adversarial_reduction=adversarial_reduction, grl_warmup_steps=grl_warmup_steps,
-    )
+    if not use_word_features and not char_dim and token_encoder is None:
+        raise ValueError(
+            "spacy_agban.AGBAN needs token features: use_word_features, char_dim > 0 or a "
+            "token_encoder"
+        )
+    # every setting by name, as agban_init hands it to the torch module; dropout_rate is
+    # what thinc's set_dropout_rate (called by the pipe's update with its drop) sets:
+    # the rate the next training forward uses, ``dropout`` until then
+    attrs: Dict[str, Any] = {
+        "fusion": fusion,
+        "adversarial": adversarial,
+        "grl_lambda": grl_lambda,
+        "use_word_features": use_word_features,
+        "word_dim": word_dim,
+        "char_dim": char_dim,
+        "char_hidden": char_hidden,
+        "hidden": hidden,
+        "gban_dim": gban_dim,
+        "gate_dim": gate_dim,
+        "discriminator_hidden": discriminator_hidden,
+        "dropout": dropout,
+        "max_word_chars": max_word_chars,
+        "visual_dropout": visual_dropout,
+        "source_dropout": source_dropout,
+        "cross_view": cross_view,
+        "adversarial_reduction": adversarial_reduction,
+        "grl_warmup_steps": grl_warmup_steps,
+        "mixed_precision": mixed_precision,
+        "sizes": None,
+        "featurizer": None,
+        "dropout_rate": dropout,
+    }
+    layers = [token_encoder] if token_encoder is not None else []
+    model: Model = Model("agban", agban_forward, init=agban_init, layers=layers, attrs=attrs)
+    if token_encoder is not None:
+        model.set_ref("token_encoder", token_encoder)
     return model
 
 
@@ -173,7 +124,7 @@ def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> M
         encoder.initialize(X=X[0] if X is not None else None)
         external_width = encoder.get_dim("nO")
     a = model.attrs
-    words_on = a.get("use_word_features", True)  # AGBAN.v2 switch; v1 always uses words
+    words_on = a["use_word_features"]
     module = AGBANModule(
         n_tags=sizes["n_tags"],
         n_words=len(sizes["words"]) + 1 if words_on else 1,
@@ -192,7 +143,11 @@ def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> M
         discriminator_hidden=a["discriminator_hidden"],
         dropout=a["dropout"],
         external_width=external_width,
-        **{name: a[name] for name in ROBUSTNESS if name in a},
+        visual_dropout=a["visual_dropout"],
+        source_dropout=a["source_dropout"],
+        cross_view=a["cross_view"],
+        adversarial_reduction=a["adversarial_reduction"],
+        grl_warmup_steps=a["grl_warmup_steps"],
     )
     model.attrs["featurizer"] = Featurizer(
         sizes["words"] if words_on else [], sizes["static_width"] if words_on else 0,
@@ -296,3 +251,15 @@ def _deserialize_module(module: torch.nn.Module, data: bytes, device: torch.devi
     module.load_state_dict(load_safetensors(data))
     module.to(device)
     return module
+
+
+def __getattr__(name: str) -> Any:
+    """The builders' former names, which installs made before ``legacy.py`` existed
+    name as entry points (their installed metadata keeps the old targets)."""
+    if name == "build_agban_model_v3":
+        return build_agban_model
+    if name == "build_agban_model_v2":
+        from .legacy import build_agban_model_v2
+
+        return build_agban_model_v2
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
 """``python -m spacy_agban ...``: data conversion, vectors and tools."""
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -47,6 +48,9 @@ def vectors(
     """Turn GloVe vectors (offline package or a text file) into spaCy vectors."""
     from .vectors import build_vectors
 
+    if output_dir.exists() and not output_dir.is_dir():
+        typer.echo(f"error: {output_dir} is a file; name a folder to write the vectors pipeline to", err=True)
+        raise typer.Exit(1)
     try:
         nlp = build_vectors(glove_txt)
     except (OSError, ValueError, ImportError) as err:
@@ -75,10 +79,16 @@ def evaluate(
 
     from .evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
 
-    if not data.exists():
-        typer.echo(f"error: {data} does not exist", err=True)
+    problem = evaluate_argument_problem(model, data, output, batch_size)
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(1)
-    scores = evaluate_both(spacy.load(model), data, batch_size)
+    try:
+        nlp = spacy.load(model)
+    except (OSError, ValueError) as err:  # not a pipeline, or a damaged one
+        typer.echo(f"error: cannot load the pipeline {model}: {one_line(err)}", err=True)
+        raise typer.Exit(1)
+    scores = evaluate_both(nlp, data, batch_size)
     typer.echo("| visual context | P | R | F1 |\n|---|---|---|---|")
     for key, name in ((WITH_CONTEXT, "as stored"), (WITHOUT_CONTEXT, "removed")):
         s = scores[key]
@@ -86,6 +96,80 @@ def evaluate(
                    f"| {100 * (s['ents_f'] or 0):.2f} |")
     if output is not None:
         srsly.write_json(output, scores)
+
+
+def evaluate_argument_problem(model: str, data: Path, output: Optional[Path], batch_size: int) -> Optional[str]:
+    """What is wrong with evaluate's arguments (None if nothing), before the pipeline loads."""
+    from spacy.util import is_package
+
+    if batch_size < 1:
+        return f"--batch-size must be at least 1, not {batch_size}"
+    if not Path(model).exists() and not is_package(model):
+        return f"pipeline {model} not found: pass the folder spacy train or nlp.to_disk wrote, or an installed package"
+    if not data.is_file():
+        return f"{data} does not exist (a .spacy DocBin)"
+    try:
+        from spacy.tokens import DocBin
+
+        n = len(DocBin(store_user_data=True).from_disk(data))
+    except Exception as err:  # msgpack, zlib or spaCy errors of a file that is not a DocBin
+        return f"cannot read {data} as a DocBin ({type(err).__name__}: {one_line(err)})"
+    if n == 0:
+        return f"{data} holds no docs: nothing to score"
+    if output is not None and not output.parent.is_dir():
+        return f"the folder of --output {output} does not exist: create it, or write elsewhere"
+    if output is not None and output.is_dir():
+        return f"--output {output} is a folder: name a .json file"
+    return None
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(describe_error(err).split())  # type: ignore[arg-type]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_command(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="A model name (configs/<name>.cfg or a variant in configs/variants.yml), or a .cfg path"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to save the trained pipeline"),
+    gpu_id: int = typer.Option(-1, "--gpu-id", "-g", help="GPU id, -1 for the CPU"),
+    configs: Path = typer.Option(Path("configs"), help="Folder of the configs and variants.yml"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the config file and overrides; train nothing"),
+) -> None:
+    """`spacy train` for a model name: its config file plus the variant's overrides.
+
+    Further options are spaCy's config overrides (e.g. --paths.train corpus/train.spacy
+    --training.max_steps 100), applied after the variant's.
+    """
+    from spacy.cli._util import parse_config_overrides
+
+    from .variants import config_and_overrides
+
+    try:
+        path, overrides = config_and_overrides(name, configs)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1)
+    overrides = {**overrides, **parse_config_overrides(ctx.args)}
+    if dry_run:
+        typer.echo(f"python -m spacy train {path}" + "".join(
+            f" --{key} {json.dumps(value)}" for key, value in overrides.items()))
+        return
+    from spacy.cli.train import train
+
+    train(path, output, use_gpu=gpu_id, overrides=overrides)
+
+
+@app.command("models")
+def models_command(
+    configs: Path = typer.Option(Path("configs"), help="Folder of the configs and variants.yml"),
+) -> None:
+    """The model names that `train`, the project and the quality bench accept."""
+    from .variants import model_names
+
+    for name, description in model_names(configs).items():
+        typer.echo(f"{name:24} {description}")
 
 
 def describe_error(err: Exception) -> str:

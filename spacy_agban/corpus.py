@@ -10,16 +10,22 @@ read from.
 
 - Training: the registered reader ``spacy_agban.Corpus.v1`` (what the configs name)
   is :class:`VisualContextCorpus`, a ``Corpus`` subclass; nothing global changes.
-- ``spacy evaluate`` always builds spaCy's own ``Corpus``. :func:`patch_stock_corpus`
-  gives that class the same two methods. The ``agban`` factory applies it, so it is in
-  effect in a process that has built an ``agban`` pipe (``spacy evaluate`` loads the
-  pipeline before it reads the data), and nowhere else.
+- ``spacy evaluate`` (and ``spacy benchmark accuracy``) always builds spaCy's own
+  ``Corpus``, which this package changes in one case only: when an ``agban`` pipe is
+  built *inside* spaCy's ``spacy.cli.evaluate.evaluate`` (which loads the pipeline
+  before it reads the data), the ``agban`` factory calls
+  :func:`patch_stock_corpus_in_spacy_evaluate`, which gives ``Corpus`` the same two
+  methods for the rest of that process. Building or loading a pipeline anywhere else
+  (``spacy.load``, ``nlp.add_pipe``, training) leaves ``Corpus`` as spaCy ships it.
+- Anyone else who reads agban data with the stock ``Corpus`` opts in explicitly with
+  :func:`patch_stock_corpus` (or uses ``spacy_agban.Corpus.v1``).
 
 Both wrap the public ``Corpus.make_examples`` and ``make_examples_gold_preproc``, one
 reference doc at a time, so spaCy's own splitting logic runs unchanged; their signature
 is checked first, and a spaCy that changed them is an error, not a silent loss.
 """
 import inspect
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -100,3 +106,19 @@ def patch_stock_corpus() -> None:
         if getattr(current, _PATCH_FLAG, False):
             continue
         setattr(Corpus, name, keeping_visual_context(_checked(current)))
+
+
+def patch_stock_corpus_in_spacy_evaluate() -> bool:
+    """:func:`patch_stock_corpus` when called from within spaCy's ``evaluate``; else nothing.
+
+    ``spacy evaluate MODEL DATA`` builds ``Corpus(DATA)`` and then loads the pipeline
+    (building its ``agban`` pipe) before it reads a doc, so patching at that moment is
+    in time. Returns whether it patched.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "evaluate" and frame.f_globals.get("__name__") == "spacy.cli.evaluate":
+            patch_stock_corpus()
+            return True
+        frame = frame.f_back
+    return False

@@ -16,11 +16,11 @@ from spacy.vocab import Vocab
 from thinc.api import Config, Model, Optimizer, set_dropout_rate
 
 from .architectures import AGBANInput, set_sizes
-from .corpus import patch_stock_corpus
+from .corpus import patch_stock_corpus_in_spacy_evaluate
 from .learning_rate import ScaledOptimizer
 from .visual_units import CAPTION, OBJECT, DocUnits, ObjectUnitSource, UnitSource, VisualUnit
 
-# The same model as configs/agban.cfg (a test checks): Concat fusion, the Table III row best
+# The same model as configs/concat.cfg (a test checks): Concat fusion, the Table III row best
 # on dev with caption units; fusion = "gban" with adversarial = true is the paper's AGBAN.
 DEFAULT_CONFIG_STR = """
 [model]
@@ -85,8 +85,9 @@ def make_agban(
     (spaCy has one optimizer for the pipeline): e.g. 20 to train the AGBAN head at
     1e-3 on top of a transformer fine-tuned at 5e-5.
     """
-    # `spacy evaluate` reads its data with spaCy's own Corpus after loading the pipeline
-    patch_stock_corpus()
+    # only inside `spacy evaluate`, which reads its data with spaCy's own Corpus after
+    # loading the pipeline: nothing global changes otherwise (see corpus.py)
+    patch_stock_corpus_in_spacy_evaluate()
     return AGBANRecognizer(
         nlp.vocab, model, name,
         caption_units=caption_units, object_units=object_units, max_words=max_words,
@@ -387,6 +388,7 @@ class AGBANRecognizer(TrainablePipe):
     def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
         if "model" not in exclude:
             self._check_initialized()
+        self._record_image_root()
         serialize = {
             "cfg": lambda: srsly.json_dumps(self.cfg),
             "model": self.model.to_bytes,
@@ -404,6 +406,7 @@ class AGBANRecognizer(TrainablePipe):
     def to_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()) -> None:
         if "model" not in exclude:
             self._check_initialized()
+        self._record_image_root()
         serialize = {
             "cfg": lambda p: srsly.write_json(p, self.cfg),
             "model": lambda p: self.model.to_disk(p),
@@ -421,6 +424,28 @@ class AGBANRecognizer(TrainablePipe):
     def _load_cfg(self, cfg: Dict[str, Any]) -> None:
         self.cfg.update(cfg)
         self._pin_object_signature()
+        self._restore_image_root()
+
+    # A relative image_root in the config resolves against the current folder, which
+    # differs wherever the saved pipeline is loaded from: the folder it named when the
+    # pipeline was saved is kept in cfg and used again (docs/robustness.md).
+    def _record_image_root(self) -> None:
+        configured = getattr(self.object_units, "image_root_arg", None)
+        if configured is None or Path(configured).expanduser().is_absolute():
+            self.cfg.pop("image_root", None)
+            return
+        resolved = str(self.object_units.loader.image_root)  # type: ignore[union-attr]
+        self.cfg["image_root"] = {"configured": configured, "resolved": resolved}
+
+    def _restore_image_root(self) -> None:
+        saved = self.cfg.get("image_root")
+        configured = getattr(self.object_units, "image_root_arg", None)
+        # Only for the value it was saved with: an override (tag --image-root, a config
+        # change) is the caller's choice. A saved folder that is gone (the pipeline moved
+        # to another machine) leaves the configured path, against the current folder.
+        if (isinstance(saved, dict) and configured is not None and configured == saved.get("configured")
+                and Path(saved["resolved"]).is_dir()):
+            self.object_units.use_image_root(saved["resolved"])  # type: ignore[union-attr]
 
     def _load_weights(self, model_bytes: bytes) -> None:
         self._build_model()

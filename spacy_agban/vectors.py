@@ -49,14 +49,32 @@ def load_glove_txt(path: Path) -> Tuple[List[str], numpy.ndarray]:
             parts = line.rstrip().split(" ")
             if number == 1 and len(parts) == 2:  # word2vec header "count width"
                 continue
+            if not line.strip():
+                continue
             if len(parts) < 2:
                 raise ValueError(f"{path}:{number}: expected 'word v1 v2 ...'")
+            try:
+                row = numpy.asarray(parts[1:], dtype="float32")
+            except ValueError:
+                bad = next(p for p in parts[1:] if not _is_number(p))
+                raise ValueError(f"{path}:{number}: {bad[:40]!r} is not a number (expected 'word v1 v2 ...')") from None
+            if rows and len(row) != len(rows[0]):
+                raise ValueError(
+                    f"{path}:{number}: {len(row)} values, but the vectors before it have {len(rows[0])}"
+                )
             words.append(parts[0])
-            rows.append(numpy.asarray(parts[1:], dtype="float32"))
-    widths = {len(r) for r in rows}
-    if len(widths) != 1:
-        raise ValueError(f"{path}: vectors of different widths {sorted(widths)}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no vectors (expected lines of 'word v1 v2 ...')")
     return words, numpy.vstack(rows)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def build_vectors(glove_txt: Optional[Path] = None) -> Language:

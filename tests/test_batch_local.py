@@ -76,7 +76,9 @@ def test_bad_images_and_captions_are_error_rows_and_the_rest_is_tagged(objects_m
         if key in ("p0", "p5", "p7", "p8", "p9"):
             assert row["error"] is None
     assert [u["source"] for u in out["p0"]["visual_units"]][:3] == ["object"] * 3
-    assert out["p2"]["image_status"] == "failed" and out["p1"]["image_status"] == "none"
+    # an image that could not be used is "failed", never "none" (the status of a post without one)
+    assert {out[k]["image_status"] for k in ("p1", "p2", "p3")} == {"failed"}
+    assert out["p7"]["image_status"] == "none" and out["p0"]["image_status"] in ("cached", "detected")
     assert not any(u["source"] == "caption" for u in out["p6"]["visual_units"])
     counts = result["counts"]
     assert counts["error:bad_caption"] == 2 and counts["error:bad_input"] == 1
@@ -101,7 +103,8 @@ def test_an_interrupted_run_resumes_without_duplicates(objects_model, tmp_path) 
     assert ids(read_output(tmp_path / "out")) == [f"p{i}" for i in range(6)]
     (tmp_path / "out" / "part-000002.parquet.tmp").write_bytes(b"half a part")  # a write cut off
     resumed = run_local(str(model), source, tmp_path / "out", part_size=3, batch_size=2, progress=False)
-    assert resumed["parts_skipped"] == 2 and resumed["posts"] == 5
+    assert resumed["parts_skipped"] == 2 and resumed["posts"] == 5 and resumed["posts_in_output"] == 11
+    assert "11 posts in all" in resumed["summary"] and "5 tagged by this run, 6 in the 2 parts" in resumed["summary"]
     rows = read_output(tmp_path / "out")
     assert ids(rows) == [f"p{i}" for i in range(11)] and max(Counter(ids(rows)).values()) == 1
     assert rows == read_output(tmp_path / "whole")
@@ -226,3 +229,68 @@ def test_detection_never_imports_the_batch_package() -> None:
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
             assert not any("batch" in n for n in names), f"{path.name} imports {names}"
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path) -> None:
+    from spacy_agban.batch.posts import count_posts, open_input, plan_parts, read_part
+
+    source = tmp_path / "posts.jsonl"
+    source.write_bytes(b'{"id": 1,\r "text": "Obama"}\r\n{"id": 2, "text": "Boston\\r"}\n\n{"id": 3,\r\r "text": "x"}')
+    posts_in = open_input(source, core.PostColumns())
+    (part,) = plan_parts(posts_in, 10)
+    batch = read_part(posts_in, part)
+    assert batch["id"] == ["1", "2", "3"] and batch["errors"] == [[], [], []]
+    assert batch["text"] == ["Obama", "Boston\r", "x"]
+    assert count_posts([source], "jsonl") == 3
+    first, rest = plan_parts(posts_in, 1)[:1], plan_parts(posts_in, 1)[1:]
+    assert [read_part(posts_in, p)["id"] for p in first + rest] == [["1"], ["2"], ["3"]]
+
+
+def test_a_caption_only_pipeline_says_it_does_not_read_images(tmp_path) -> None:
+    from conftest import CAPTION_POSTS, make_examples, make_nlp, train
+
+    # Its own pipeline: the session's caption_pipeline is trained from the RNG state of
+    # whichever test asks first, and other tests expect the one trained later.
+    nlp = make_nlp()
+    train(nlp, make_examples(nlp, CAPTION_POSTS), steps=3)
+    model = tmp_path / "model"
+    nlp.to_disk(model)
+    rows = posts(4, images=["102.jpg", None])
+    result = run_local(str(model), write_jsonl(tmp_path / "posts.jsonl", rows), tmp_path / "out", progress=False)
+    assert result["summary"].count("does not read images") == 1
+    assert "the image of 2 posts was not used" in result["summary"]
+    text_only = run_local(str(model), write_jsonl(tmp_path / "text.jsonl", posts(2, images=[None])),
+                          tmp_path / "out2", progress=False)
+    assert "images" not in text_only["summary"]
+
+
+def test_unresolvable_paths_and_a_damaged_store_entry_cost_only_their_post(objects_model, tmp_path) -> None:
+    import sqlite3
+
+    root, model = objects_model
+    images = root / "images"
+    if not (images / "loop_a").is_symlink():
+        (images / "loop_a").symlink_to(images / "loop_b")
+        (images / "loop_b").symlink_to(images / "loop_a")
+    with sqlite3.connect(root / "objects.sqlite") as conn:
+        (damaged,) = conn.execute("SELECT image_key FROM detections ORDER BY image_key LIMIT 1").fetchone()
+        conn.execute("UPDATE detections SET labels = '[1, 2, 3]' WHERE image_key = ?", (damaged,))
+        conn.execute("UPDATE detections SET n = 5 WHERE image_key != ?", (damaged,))
+    rows = posts(6)  # 102, 106, none, 113, 130, 102.jpg
+    rows[2]["image"] = "102.jpg\x00x"
+    rows[5]["image"] = "loop_a"
+    with pytest.warns(UserWarning, match="is damaged"):
+        result = run_local(str(model), write_jsonl(tmp_path / "posts.jsonl", rows), tmp_path / "out",
+                           part_size=4, batch_size=3, progress=False)
+    out = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert sorted(out) == [f"p{i}" for i in range(6)] and result["posts"] == 6
+    assert out["p2"]["error_kinds"] == ["image_refused"] and "NUL" in out["p2"]["error"]
+    assert out["p5"]["error_kinds"] == ["image_refused"] and "loop_a" in out["p5"]["error"]
+    for key in ("p0", "p1", "p3", "p4"):  # their entries were damaged: detected again
+        assert out[key]["image_status"] == "detected" and out[key]["error"] is None
+        assert [u["source"] for u in out[key]["visual_units"]][:3] == ["object"] * 3
+    from spacy_agban.detection.store import FeatureStore
+
+    store = FeatureStore(root / "objects.sqlite")
+    (sig,) = store.signatures()
+    assert len(store.get_many(list(store.keys(sig)), sig)) == 4  # the new entries replaced the damaged ones

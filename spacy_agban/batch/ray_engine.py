@@ -194,13 +194,16 @@ class ObjectsActor:
 
 
 def failed_detection(batch: core.Batch, err: Exception) -> core.Batch:
-    """Every image of the batch failed (e.g. the store cannot be read): error rows."""
+    """Every image of the batch failed (e.g. the store cannot be read): error rows.
+    A post whose image could not be read (an image error, no key) is failed too,
+    as :func:`.core.detect` marks it."""
     n = len(batch["id"])
     keys = batch["image_key"]
     errors = [list(e) + ([core.error(core.DETECTOR, f"{batch['image'][i]}: {err}")] if keys[i] else [])
               for i, e in enumerate(batch["errors"])]
+    image_failed = [any(core.error_kind(x).startswith(core.IMAGE_PREFIX) for x in e) for e in batch["errors"]]
     out = {k: v for k, v in batch.items() if k != "image_bytes"}
-    out.update(errors=errors, image_status=["failed" if k else "none" for k in keys],
+    out.update(errors=errors, image_status=["failed" if k or bad else "none" for k, bad in zip(keys, image_failed)],
                obj_features=[None] * n, obj_labels=[None] * n, obj_scores=[None] * n, obj_boxes=[None] * n)
     return out
 
@@ -219,14 +222,18 @@ class TagActor:
         batch.setdefault("image_status", ["none"] * n)
         out = core.tag(batch, self.nlp, batch_size=self.batch_size)
         out["part"], out["row"] = batch["part"], batch["row"]
+        out["has_image"] = [ref is not None for ref in batch["image"]]
         return core.to_table(out, output_schema_with_place())
 
 
 def output_schema_with_place() -> Any:
+    """The output columns plus each row's place and whether its post named an image
+    (for the summary of a pipeline that does not read images); the driver drops them."""
     import pyarrow as pa
 
     schema = core.output_schema()
-    return pa.schema(list(schema) + [pa.field("part", pa.int64()), pa.field("row", pa.int64())])
+    return pa.schema(list(schema) + [pa.field("part", pa.int64()), pa.field("row", pa.int64()),
+                                     pa.field("has_image", pa.bool_())])
 
 
 # -- tag ----------------------------------------------------------------------------------
@@ -304,21 +311,28 @@ def run_ray(model: str, input_path: str, output: str, columns: core.PostColumns 
                                 compute=ActorPoolStrategy(size=options.tag_actors), batch_format="pyarrow",
                                 batch_size=options.batch_size, num_cpus=options.tag_cpus, num_gpus=0)
             expected = {k: sum(s.count for s in segs) for k, segs in todo}
-            collect_parts(ds, expected, parts, counts)
+            collect_parts(ds, expected, parts, counts, reads_images=objects)
         seconds = time.perf_counter() - start
-    return {"engine": "ray", "posts": counts["posts"], "seconds": seconds,
-            "posts_per_second": counts["posts"] / seconds if seconds > 0 else 0.0,
+    earlier_parts = [k for k in done if k < len(plan)]
+    skipped = sum(seg.count for k in earlier_parts for seg in plan[k])  # posts an earlier run wrote
+    summary = core.format_summary(counts, seconds, "ray")
+    summary += core.resume_note(output, counts["posts"], skipped, len(earlier_parts))
+    summary += core.images_not_read_note(counts["images_not_read"])
+    return {"engine": "ray", "posts": counts["posts"], "posts_in_output": skipped + counts["posts"],
+            "seconds": seconds, "posts_per_second": counts["posts"] / seconds if seconds > 0 else 0.0,
             "parts": len(plan), "parts_skipped": len(done), "parts_written": len(todo),
-            "counts": dict(counts), "num_gpus_per_detect_actor": num_gpus,
-            "summary": core.format_summary(counts, seconds, "ray")}
+            "counts": dict(counts), "num_gpus_per_detect_actor": num_gpus, "summary": summary}
 
 
-def collect_parts(ds: Any, expected: Dict[int, int], parts: Parts, counts: Counter) -> None:
+def collect_parts(ds: Any, expected: Dict[int, int], parts: Parts, counts: Counter,
+                  reads_images: bool = True) -> None:
     """Gather the output rows by part; write each part (in input order) as soon as
     all its rows are back. Only the parts in flight are held in memory."""
     pending: Dict[int, List[Tuple[int, Dict[str, Any]]]] = {}
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in table.to_pylist():
+            if row.pop("has_image", False) and not reads_images:
+                counts["images_not_read"] += 1
             part = row.pop("part")
             pending.setdefault(part, []).append((row.pop("row"), row))
             if len(pending[part]) == expected[part]:

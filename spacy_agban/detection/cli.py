@@ -29,8 +29,12 @@ def list_docbin_images(path: Path) -> List[str]:
     import spacy
     from spacy.tokens import DocBin
 
-    docbin = DocBin(store_user_data=True).from_disk(path)
-    refs = (doc._.image for doc in docbin.get_docs(spacy.blank("en").vocab))
+    try:
+        docbin = DocBin(store_user_data=True).from_disk(path)
+        refs = [doc._.image for doc in docbin.get_docs(spacy.blank("en").vocab)]
+    except Exception as err:  # msgpack/zlib/spaCy errors of a file that is no DocBin
+        message = " ".join(str(err).split())[:200]
+        raise typer.BadParameter(f"cannot read {path} as a DocBin ({type(err).__name__}: {message})") from None
     return list(dict.fromkeys(ref for ref in refs if isinstance(ref, str) and ref))
 
 
@@ -97,6 +101,7 @@ def detect_command(
 ) -> Dict[str, Any]:
     """Detect objects once and store their 1024-d features for training and evaluation."""
     try:
+        check_detect_arguments(store, detector, engine, min_size, max_size, top_k, batch_size, limit, actors)
         refs, root, why_not = collect_sources(source, image_root)
     except typer.BadParameter as err:
         typer.echo(f"detect: {err}", err=True)
@@ -115,14 +120,44 @@ def detect_command(
     try:
         det = build_detector(detector, weights, min_size, max_size, top_k, batch_size, score_threshold, device)
     except Exception as err:  # no internet for DEFAULT, a bad file: say so, fail
-        typer.echo(f"detect: cannot build the {detector} detector: {err}\n"
-                   "Without internet, pass --weights with a local .pth/.safetensors file.", err=True)
+        typer.echo(detector_error_message(detector, err), err=True)
         raise typer.Exit(1)
     units = ObjectUnits(store=store, detector=det, image_root=root, allow_remote=allow_remote,
                         top_k=top_k, record_failures=True, max_warnings=0)
     summary = run_detection(units, refs)
     typer.echo(format_summary(summary, units, store))
     return summary
+
+
+def check_detect_arguments(store: Path, detector: str, engine: str, min_size: int, max_size: Optional[int],
+                           top_k: int, batch_size: int, limit: Optional[int], actors: int) -> None:
+    """Raise typer.BadParameter, before anything is read or built, on arguments that cannot work."""
+    if detector not in DETECTORS:
+        raise typer.BadParameter(f"--detector must be one of {', '.join(DETECTORS)}, not {detector!r}")
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"--engine must be local or ray, not {engine!r}")
+    for option, value in (("--min-size", min_size), ("--top-k", top_k), ("--batch-size", batch_size),
+                          ("--actors", actors)):
+        if value < 1:
+            raise typer.BadParameter(f"{option} must be at least 1, not {value}")
+    if max_size is not None and max_size < min_size:
+        raise typer.BadParameter(f"--max-size ({max_size}) must be at least --min-size ({min_size})")
+    if limit is not None and limit < 1:
+        raise typer.BadParameter(f"--limit must be at least 1, not {limit}")
+    if engine == "local" and store.is_dir():
+        raise typer.BadParameter(f"the store {store} is a folder; name the SQLite file to fill (e.g. {store / 'objects.sqlite'})")
+
+
+def detector_error_message(detector: str, err: BaseException) -> str:
+    """One message for a detector that cannot be built: the reason, and the offline
+    hint only where the failure was the download."""
+    import urllib.error
+
+    reason = " ".join(str(err).split())
+    message = f"detect: cannot build the {detector} detector: {reason}"
+    if isinstance(err, (urllib.error.URLError, ConnectionError, TimeoutError)):
+        message += "\nWithout internet, pass --weights with a local .pth/.safetensors file."
+    return message
 
 
 def run_detection(units: Any, refs: List[str]) -> Dict[str, Any]:

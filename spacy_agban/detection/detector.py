@@ -81,14 +81,26 @@ def load_local_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"{path} holds more than tensors and is refused (weights are loaded with "
-            f"weights_only=True, never unpickled): {err}"
+            f"{path} holds more than tensors and is refused: weights are loaded as tensors "
+            f"only, never unpickled ({unpickler_reason(err)}). Save the weights with "
+            "safetensors, or as a state dict of tensors."
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # torchvision's reference training scripts save {"model": ...}
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
     return state
+
+
+def unpickler_reason(err: BaseException) -> str:
+    """What torch's weights-only unpickler refused, without torch's advice to retry
+    with ``weights_only=False`` (which would run whatever code the file holds)."""
+    for line in str(err).splitlines():
+        line = line.strip()
+        if "weights_only" not in line and any(w in line for w in ("GLOBAL", "Unsupported", "WeightsUnpickler")):
+            line = line.replace("WeightsUnpickler error:", "").strip()
+            return line.split(". ")[0].rstrip(".")[:200]
+    return "not a tensors-only file"
 
 
 def load_state_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: Path, model_name: str) -> None:

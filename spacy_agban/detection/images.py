@@ -141,10 +141,15 @@ class ImageLoader:
     def resolve(self, ref: Union[str, Path]) -> Path:
         """The file a path reference points to, with the ``image_root`` rules applied."""
         name = str(ref)
+        if "\x00" in name:  # the OS cannot take it; os calls would raise ValueError
+            raise ImageLoadError(name, "the path holds a NUL byte", "refused")
         path = Path(os.path.expanduser(name)) if isinstance(ref, Path) else Path(name)
         if self.image_root is not None and not path.is_absolute():
             path = self.image_root / path
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: a symlink loop
+            raise ImageLoadError(name, f"cannot resolve the path: {err}", "refused") from None
         if isinstance(ref, str) and self.image_root is not None:
             if not resolved.is_relative_to(self.image_root):
                 raise ImageLoadError(

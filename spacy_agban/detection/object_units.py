@@ -101,6 +101,8 @@ class ObjectUnits(ObjectUnitSource):
         self._store: Optional[FeatureStore] = store if isinstance(store, FeatureStore) else None
         self.detector = detector
         self.top_k = top_k
+        #: As configured (a relative one is resolved against the current folder by the loader).
+        self.image_root_arg = None if image_root is None else str(image_root)
         self.loader = ImageLoader(
             image_root=image_root,
             allow_remote=allow_remote,
@@ -123,6 +125,12 @@ class ObjectUnits(ObjectUnitSource):
         self._key_memo: Dict[Any, str] = {}
         # Without a detector: content keys of unstored images already checked to decode.
         self._decodable: set = set()
+
+    def use_image_root(self, folder: Union[str, Path]) -> None:
+        """Resolve relative image paths against this folder from now on."""
+        self.loader.image_root = Path(folder).resolve()
+        self._key_memo.clear()
+        self._decodable.clear()
 
     @property
     def max_warnings(self) -> int:

@@ -16,6 +16,7 @@ import os
 import sqlite3
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -86,6 +87,10 @@ class Detections:
     @classmethod
     def empty(cls, dim: int) -> "Detections":
         return cls(numpy.zeros((0, dim), "float32"), [], numpy.zeros(0, "float32"), numpy.zeros((0, 4), "float32"))
+
+
+class DamagedRowWarning(UserWarning):
+    """A stored entry could not be decoded; it is treated as a miss."""
 
 
 @dataclass
@@ -201,6 +206,10 @@ class FeatureStore:
         return self.get_many([image_key], sig).get(image_key)
 
     def get_many(self, image_keys: Iterable[str], sig: str) -> Dict[str, Detections]:
+        """The entries found. A damaged entry (counts that do not match its bytes,
+        labels that are not a JSON list of strings) is left out, as a miss, with a
+        warning naming its image key: a detector then detects that image again and
+        its new entry replaces the damaged one."""
         keys = list(dict.fromkeys(image_keys))
         found: Dict[str, Detections] = {}
         conn = self._connection()
@@ -213,7 +222,15 @@ class FeatureStore:
                 (sig, *chunk),
             ).fetchall()
             for key, n, dim, features, labels, scores, boxes in rows:
-                found[key] = _decode_row(n, dim, features, labels, scores, boxes)
+                try:
+                    found[key] = _decode_row(n, dim, features, labels, scores, boxes)
+                except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+                    warnings.warn(
+                        f"feature store {self.path}: the entry of image key {key!r} (signature {sig!r}) "
+                        f"is damaged ({err}); it is treated as not stored",
+                        DamagedRowWarning,
+                        stacklevel=3,
+                    )
         return found
 
     def put_many(self, entries: Sequence[Tuple[str, Detections]], sig: str) -> None:
@@ -291,9 +308,20 @@ def _encode_row(det: Detections) -> Tuple[int, int, bytes, str, bytes, bytes]:
 
 
 def _decode_row(n: int, dim: int, features: bytes, labels: str, scores: bytes, boxes: bytes) -> Detections:
+    """Raises ValueError or TypeError on a row whose parts do not agree."""
+    names = json.loads(labels)
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"labels are not a JSON list of strings: {_short(labels)}")
+    if not isinstance(n, int) or not isinstance(dim, int) or n != len(names):
+        raise ValueError(f"n={n!r}, dim={dim!r} do not match {len(names)} labels")
     return Detections(
         features=numpy.frombuffer(features, dtype="<f4").reshape(n, dim).astype("float32"),
-        labels=json.loads(labels),
+        labels=names,
         scores=numpy.frombuffer(scores, dtype="<f4").astype("float32"),
         boxes=numpy.frombuffer(boxes, dtype="<f4").reshape(n, 4).astype("float32"),
     )
+
+
+def _short(text: object, n: int = 60) -> str:
+    text = repr(text)
+    return text if len(text) <= n else text[:n] + "..."
