@@ -24,6 +24,7 @@ from spacy_agban.batch.posts import read_output  # noqa: E402
 from spacy_agban.batch.ray_engine import RayOptions, run_ray  # noqa: E402
 
 TIMEOUT = 600  # per test, the module's setup included for the first test that needs it
+RESUME_TIMEOUT = 300
 BAD_IMAGES = {"p3": "missing.jpg", "p9": "broken.jpg", "p14": "../outside.jpg"}
 BAD_CAPTIONS = {"p5": "x" * (core.MAX_CAPTION_CHARS + 1), "p11": "y" * (core.MAX_CAPTION_CHARS + 5)}
 N_POSTS = 30
@@ -237,7 +238,11 @@ run_ray({model!r}, {inputs!r}, {out!r}, part_size=4, features={features!r},
 """
 
 
-@pytest.mark.timeout(2 * TIMEOUT)  # a second driver's start-up, its actors' and the rerun's
+# The test's own time only (func_only): a second driver's start-up, its actors' and the
+# rerun's. In a run of the module, the fixtures it shares (the cluster, the world, the
+# detector job) were set up within the timeout of the first test above; run alone, their
+# set-up is not timed.
+@pytest.mark.timeout(RESUME_TIMEOUT, func_only=True)
 def test_ray_job_resumes_after_its_driver_is_killed(world, detector_job, cluster) -> None:
     out = world["root"] / "ray-resume"
     script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), model=str(world["model"]),
@@ -247,7 +252,7 @@ def test_ray_job_resumes_after_its_driver_is_killed(world, detector_job, cluster
     driver = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + RESUME_TIMEOUT / 2
         while not list(out.glob("part-*.parquet")):
             assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no part written"

@@ -29,7 +29,11 @@ def three_nodes(monkeypatch):
         monkeypatch.setenv(key, value)
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    # The head alone has the CPUs the stages ask for (2 tag actors x 1 + 1 for the read
+    # tasks): once the worker is removed, its tag actor is restarted on the head and
+    # the read tasks still find a CPU. With 2 CPUs on the head, the restarted actor
+    # took the last one and the read tasks of the remaining parts waited forever.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
     # the "GPU" node: a custom resource and no CPU to lend, so only detect actors (which
     # ask for the resource and no CPU) can run there
     detect_node = cluster.add_node(num_cpus=0, resources={"detect_node": 1})
