@@ -294,3 +294,16 @@ def test_unresolvable_paths_and_a_damaged_store_entry_cost_only_their_post(objec
     store = FeatureStore(root / "objects.sqlite")
     (sig,) = store.signatures()
     assert len(store.get_many(list(store.keys(sig)), sig)) == 4  # the new entries replaced the damaged ones
+
+
+def test_a_batch_whose_detection_failed_keeps_image_failures_failed() -> None:
+    from spacy_agban.batch.ray_engine import failed_detection
+
+    batch = {"id": ["a", "b", "c"], "text": ["x", "y", "z"], "image": ["1.jpg", "gone.jpg", None],
+             "caption": [None] * 3, "image_key": ["k1", None, None], "image_bytes": [b"1", None, None],
+             "errors": [[], [core.error(core.IMAGE_PREFIX + "missing", "gone.jpg: no such file")], []]}
+    out = failed_detection(batch, RuntimeError("store unreadable"))
+    # the image that could not be read is failed (as core.detect says), not "none"
+    assert out["image_status"] == ["failed", "failed", "none"]
+    assert [len(e) for e in out["errors"]] == [1, 1, 0] and "store unreadable" in out["errors"][0][0]
+    assert "image_bytes" not in out

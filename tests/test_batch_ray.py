@@ -226,6 +226,22 @@ def test_ray_without_a_detector_reads_the_features_dataset_like_local(world, det
     assert result["counts"].get("image:detected", 0) == 0
 
 
+@pytest.mark.timeout(TIMEOUT)
+def test_ray_says_when_the_pipeline_does_not_read_images(world, cluster) -> None:
+    from conftest import CAPTION_POSTS, make_examples, make_nlp, train
+
+    nlp = make_nlp()  # captions only: no object units
+    train(nlp, make_examples(nlp, CAPTION_POSTS), steps=3)
+    model = world["root"] / "caption-model"
+    nlp.to_disk(model)
+    source = write_jsonl(world["root"] / "caption-posts.jsonl", posts(4, images=["102.jpg", None]))
+    result = run_ray(str(model), str(source), str(world["root"] / "ray-caption"), part_size=2,
+                     options=RayOptions(batch_size=4))
+    assert result["posts"] == 4 and result["counts"].get("images_not_read") == 2
+    assert result["summary"].count("does not read images") == 1
+    assert "the image of 2 posts was not used" in result["summary"]
+
+
 RESUME_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -271,6 +287,10 @@ def test_ray_job_resumes_after_its_driver_is_killed(world, detector_job, cluster
     assert result["parts_skipped"] == len(before) and result["parts_written"] == total - len(before)
     rows = by_id(read_output(out))  # every id exactly once
     assert sorted(rows) == expected_ids()
+    # the summary counts the whole output, not only what the rerun tagged
+    assert result["posts_in_output"] == len(expected_ids())
+    assert f"{len(expected_ids())} posts in all" in result["summary"]
+    assert f"in the {len(before)} parts an earlier run wrote" in result["summary"]
     # every image is in the features dataset by now: read, never detected again
     assert result["counts"].get("image:detected", 0) == 0 and result["counts"]["image:cached"] > 0
 

@@ -35,7 +35,7 @@ def tag_command(
     output_format: str = typer.Option("parquet", "--output-format", help="parquet or jsonl"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Go on after the parts already written"),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="local: run the detector (and spaCy, where cupy is installed) on this GPU"),
-    address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (default: start a local one on 127.0.0.1)"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (default: start a local one for this job)"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="ray: CPUs of the local cluster (default: enough for the stages)"),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="ray: GPUs per detect actor, fractions allowed (default: 1 if the cluster has a GPU, else 0)"),
     detect_actors: int = typer.Option(1, "--detect-actors", help="ray: detector actors"),
