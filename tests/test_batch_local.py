@@ -192,17 +192,58 @@ def test_stages_that_cannot_be_scheduled_fail_with_a_message() -> None:
     assert as_uri(Path("relative/features")) == "relative/features"
 
 
+def test_parts_are_planned_across_files_and_named_by_file_and_line(tmp_path) -> None:
+    from spacy_agban.batch.posts import open_input, plan_parts, read_part
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b'{"id": 1, "text": "one"}\n\n{"id": 2, "text": "t\\r two"}\r\n{broken\n')
+    (folder / "b.jsonl").write_bytes(b'\n{"id": 4, "text": "four"}\n{"id": 5, "text": "five"}')
+    source = open_input(folder, core.PostColumns())
+    plan = plan_parts(source, 2)
+    assert [sum(s.count for s in part) for part in plan] == [2, 2, 1]
+    batches = [read_part(source, part) for part in plan]
+    assert [b["id"] for b in batches] == [["1", "2"], ["a.jsonl:4", "4"], ["5"]]
+    assert batches[0]["text"][1] == "t\r two"  # a carriage return inside a line ends nothing
+    assert "a.jsonl:4" in batches[1]["errors"][0][0]
+
+
+def test_a_lone_surrogate_is_an_error_row_not_a_failed_job(objects_model, tmp_path) -> None:
+    _, model = objects_model
+    source = write_jsonl(tmp_path / "p.jsonl", ['{"id": "s", "text": "Obama \\ud800 in Chicago", "caption": "x \\udc00"}',
+                                                 '{"id": "ok", "text": "Kolo is here"}'])
+    result = run_local(str(model), source, tmp_path / "out", progress=False)
+    rows = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert result["posts"] == 2 and sorted(rows) == ["ok", "s"]
+    assert rows["s"]["error_kinds"] == ["bad_caption", "bad_input"] and "surrogate" in rows["s"]["error"]
+    assert rows["ok"]["error"] is None
+
+
+def test_detection_never_imports_the_batch_package() -> None:
+    import ast
+
+    import spacy_agban.detection as detection
+
+    for path in Path(detection.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any("batch" in n for n in names), f"{path.name} imports {names}"
+
+
 def test_jsonl_lines_end_at_newlines_only(tmp_path) -> None:
-    from spacy_agban.batch.posts import count_posts, iter_posts
+    from spacy_agban.batch.posts import count_posts, open_input, plan_parts, read_part
 
     source = tmp_path / "posts.jsonl"
     source.write_bytes(b'{"id": 1,\r "text": "Obama"}\r\n{"id": 2, "text": "Boston\\r"}\n\n{"id": 3,\r\r "text": "x"}')
-    (batch,) = list(iter_posts(source, core.PostColumns(), block=10))
+    posts_in = open_input(source, core.PostColumns())
+    (part,) = plan_parts(posts_in, 10)
+    batch = read_part(posts_in, part)
     assert batch["id"] == ["1", "2", "3"] and batch["errors"] == [[], [], []]
     assert batch["text"] == ["Obama", "Boston\r", "x"]
     assert count_posts([source], "jsonl") == 3
-    (rest,) = list(iter_posts(source, core.PostColumns(), block=10, skip=1))
-    assert rest["id"] == ["2", "3"]
+    first, rest = plan_parts(posts_in, 1)[:1], plan_parts(posts_in, 1)[1:]
+    assert [read_part(posts_in, p)["id"] for p in first + rest] == [["1"], ["2"], ["3"]]
 
 
 def test_a_caption_only_pipeline_says_it_does_not_read_images(tmp_path) -> None:
@@ -253,3 +294,16 @@ def test_unresolvable_paths_and_a_damaged_store_entry_cost_only_their_post(objec
     store = FeatureStore(root / "objects.sqlite")
     (sig,) = store.signatures()
     assert len(store.get_many(list(store.keys(sig)), sig)) == 4  # the new entries replaced the damaged ones
+
+
+def test_a_batch_whose_detection_failed_keeps_image_failures_failed() -> None:
+    from spacy_agban.batch.ray_engine import failed_detection
+
+    batch = {"id": ["a", "b", "c"], "text": ["x", "y", "z"], "image": ["1.jpg", "gone.jpg", None],
+             "caption": [None] * 3, "image_key": ["k1", None, None], "image_bytes": [b"1", None, None],
+             "errors": [[], [core.error(core.IMAGE_PREFIX + "missing", "gone.jpg: no such file")], []]}
+    out = failed_detection(batch, RuntimeError("store unreadable"))
+    # the image that could not be read is failed (as core.detect says), not "none"
+    assert out["image_status"] == ["failed", "failed", "none"]
+    assert [len(e) for e in out["errors"]] == [1, 1, 0] and "store unreadable" in out["errors"][0][0]
+    assert "image_bytes" not in out

@@ -66,7 +66,8 @@ def test_tag_on_a_parquet_without_rows_or_corrupt(model, tmp_path) -> None:
     ("--batch-size", "0", "--batch-size must be at least 1"),
     ("--batch-size", "-3", "--batch-size must be at least 1"),
     ("--engine", "spark", "--engine must be one of"),
-    ("--input-format", "csv", "--input-format must be one of"),
+    ("--detect-resource", "detect_node=0", "expected NAME=AMOUNT with AMOUNT > 0"),
+    ("--detect-resource", "detect_node=lots", "expected NAME=AMOUNT"),
     ("--tag-cpus", "0", "--tag-cpus must be more than 0"),
 ])
 def test_tag_arguments_are_checked_first(model, jsonl, tmp_path, option, value, expected) -> None:

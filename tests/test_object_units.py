@@ -140,6 +140,54 @@ def test_warnings_are_capped(root: Path, nlp) -> None:
     assert source.n_warnings == 20
 
 
+def test_max_warnings_set_after_construction_silences_the_warnings(root: Path, nlp) -> None:
+    """The batch engines set ``max_warnings = 0`` on the pipeline's units (a bad image
+    is an error row there): the limit must apply, not only the constructor's."""
+    source = ObjectUnits(detector=FakeDetector(), image_root=root)
+    source.max_warnings = 0
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        source(make_docs(nlp, ["gone0.jpg", "gone1.jpg"]))
+    assert not [w for w in record if issubclass(w.category, ImageWarning)]
+    assert source.n_warnings == 2 and source.max_warnings == 0
+
+
+def test_lookup_by_key_reads_the_feature_reader_then_the_store_then_detects(root: Path, tmp_path: Path) -> None:
+    from spacy_agban.detection.images import ImageSource
+    from spacy_agban.detection.object_units import KeyedImage
+
+    names = [colored(root, f"{i}.png", (i * 40, 10, 10)) for i in range(3)]
+    sources = [ImageSource(name=n, data=(root / n).read_bytes()) for n in names]
+    keyed = [KeyedImage(s.content_key(), n, s) for s, n in zip(sources, names)]
+    detector = FakeDetector()
+    store = FeatureStore(tmp_path / "s.sqlite")
+    det = FakeDetector()([Image.open(root / names[0]).convert("RGB")])[0]
+    store.put_many([(keyed[0].key, det)], detector.signature_key())
+
+    class Reader:
+        writable = True
+
+        def __init__(self):
+            self.rows, self.put = {keyed[1].key: det}, []
+
+        def signatures(self):
+            return {detector.signature_key(): {}}
+
+        def get_many(self, keys, sig):
+            return {k: self.rows[k] for k in keys if k in self.rows}
+
+        def put_many(self, entries, sig, description=None):
+            self.put.extend(k for k, _ in entries)
+
+    reader = Reader()
+    units = ObjectUnits(store=store, detector=detector, image_root=root, features=reader)
+    found = units.lookup(keyed + [keyed[2]])  # a key twice: one detection
+    assert [found[k.key].status for k in keyed] == ["cached", "cached", "detected"]
+    assert (units.n_feature_hits, units.n_store_hits, units.n_detector_images) == (1, 1, 1)
+    assert reader.put == [keyed[2].key]  # new detections go to the writable reader too
+    assert keyed[2].key in store.get_many([keyed[2].key], detector.signature_key())
+
+
 def test_second_pass_runs_the_detector_zero_times(root: Path, tmp_path: Path, nlp) -> None:
     names = [colored(root, f"{i}.png", (i * 40, 10, 10)) for i in range(5)]
     store = tmp_path / "features.sqlite"

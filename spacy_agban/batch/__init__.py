@@ -2,9 +2,11 @@
 
 - :mod:`.core`: the per-batch steps (parse posts, read + hash images, detect,
   tag) on plain columns, shared by both engines so that they cannot drift.
-- :mod:`.posts`: reading JSONL/Parquet posts and writing numbered output parts.
-- :mod:`.local`: the single-machine engine (resumable).
+- :mod:`.posts`: reading JSONL/Parquet posts by parts and writing numbered
+  output parts (both engines: the same parts, the same resuming).
+- :mod:`.local`: the single-machine engine.
 - :mod:`.ray_engine`: the same job on Ray Data (imported only when asked for).
+- :mod:`.cli`: the ``tag``, ``detect`` and ``features`` commands.
 - :mod:`.features`: a Parquet features dataset keyed by image content hash and
   detector signature, and moving features to and from the SQLite store.
 

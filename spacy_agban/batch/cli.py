@@ -1,16 +1,20 @@
-"""``python -m spacy_agban tag`` and ``python -m spacy_agban features export|import``."""
+"""``python -m spacy_agban tag``, ``detect`` (both engines) and ``features export|import``."""
+import functools
+import inspect
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import typer
+
+from ..detection.cli import check_detect_arguments, collect_sources
+from ..detection.cli import detect_command as detect_local
 
 from .core import PostColumns
 from .posts import InputError, check_parquet_columns, count_posts, input_files
 
 ENGINES = ("local", "ray")
 OUTPUT_FORMATS = ("parquet", "jsonl")
-INPUT_FORMATS = ("auto", "jsonl", "parquet")
 
 
 def tag_command(
@@ -26,11 +30,12 @@ def tag_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Posts per nlp.pipe batch"),
     image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder relative image paths resolve against (default: the pipeline's)"),
     allow_remote: Optional[bool] = typer.Option(None, "--allow-remote/--no-remote", help="Fetch http(s) and object-store images (default: the pipeline's setting)"),
-    part_size: int = typer.Option(10000, "--part-size", help="local: posts per output part (the resume unit)"),
-    output_format: str = typer.Option("parquet", "--output-format", help="local: parquet or jsonl"),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="local: go on after the parts already written"),
+    features: Optional[str] = typer.Option(None, "--features", help="A Parquet features dataset (folder or URI) read before the pipeline's store; new detections are added to it"),
+    part_size: int = typer.Option(10000, "--part-size", help="Posts per output part (the resume unit)"),
+    output_format: str = typer.Option("parquet", "--output-format", help="parquet or jsonl"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Go on after the parts already written"),
     gpu_id: int = typer.Option(-1, "--gpu-id", help="local: run the detector (and spaCy, where cupy is installed) on this GPU"),
-    address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (default: start a local one on 127.0.0.1)"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: join this cluster (default: start a local one for this job)"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="ray: CPUs of the local cluster (default: enough for the stages)"),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="ray: GPUs per detect actor, fractions allowed (default: 1 if the cluster has a GPU, else 0)"),
     detect_actors: int = typer.Option(1, "--detect-actors", help="ray: detector actors"),
@@ -38,13 +43,18 @@ def tag_command(
     detect_cpus: float = typer.Option(1.0, "--detect-cpus", help="ray: CPUs per detect actor"),
     tag_cpus: float = typer.Option(1.0, "--tag-cpus", help="ray: CPUs per tag actor"),
     detect_batch_size: int = typer.Option(16, "--detect-batch-size", help="ray: images per detect batch"),
-    input_format: str = typer.Option("auto", "--input-format", help="ray: auto, jsonl or parquet"),
+    detect_resource: Optional[List[str]] = typer.Option(None, "--detect-resource", help="ray: NAME=AMOUNT, a custom resource each detect actor needs (pins detection to the nodes that have it); repeatable"),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="An input without posts is not an error"),
 ) -> dict:
     """Tag posts in bulk: entities, visual units used and errors, one row per post."""
     columns = PostColumns(id=id_key, text=text_key, image=image_key or None, caption=caption_key or None)
+    try:
+        resources = parse_resources(detect_resource or [])
+    except ValueError as err:
+        typer.echo(f"tag: {err}", err=True)
+        raise typer.Exit(1)
     problem = tag_argument_problem(
-        model, engine, output_format, input_format, id_key, text_key,
+        model, engine, output_format, id_key, text_key,
         {"--batch-size": batch_size, "--part-size": part_size, "--detect-actors": detect_actors,
          "--tag-actors": tag_actors, "--detect-batch-size": detect_batch_size},
         {"--detect-cpus": detect_cpus, "--tag-cpus": tag_cpus},
@@ -61,7 +71,7 @@ def tag_command(
 
             result = run_local(str(model), Path(input_path), Path(output), columns, part_size=part_size,
                                batch_size=batch_size, output_format=output_format, gpu_id=gpu_id,
-                               image_root=image_root, allow_remote=allow_remote, resume=resume)
+                               image_root=image_root, allow_remote=allow_remote, resume=resume, features=features)
         else:
             try:
                 import ray  # noqa: F401
@@ -72,9 +82,11 @@ def tag_command(
 
             options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus,
                                  detect_actors=detect_actors, tag_actors=tag_actors, detect_cpus=detect_cpus,
-                                 tag_cpus=tag_cpus, batch_size=batch_size, detect_batch_size=detect_batch_size)
-            result = run_ray(str(model), [input_path], output, columns, options, image_root=image_root,
-                             allow_remote=allow_remote, input_format_name=input_format)
+                                 tag_cpus=tag_cpus, batch_size=batch_size, detect_batch_size=detect_batch_size,
+                                 detect_resources=resources)
+            result = run_ray(str(model), input_path, output, columns, options, image_root=image_root,
+                             allow_remote=allow_remote, features=features, part_size=part_size,
+                             output_format=output_format, resume=resume)
     except InputError as err:
         typer.echo(f"tag: {err}", err=True)
         raise typer.Exit(1)
@@ -87,15 +99,60 @@ def tag_command(
     return result
 
 
-def tag_argument_problem(model: Path, engine: str, output_format: str, input_format: str, id_key: str,
+def parse_resources(specs: List[str]) -> Dict[str, float]:
+    """``["detect_node=1", "x"]`` -> ``{"detect_node": 1.0, "x": 1.0}``."""
+    out: Dict[str, float] = {}
+    for spec in specs:
+        name, _, amount = spec.partition("=")
+        try:
+            out[name.strip()] = float(amount) if amount else 1.0
+        except ValueError:
+            raise ValueError(f"--detect-resource {spec!r}: expected NAME=AMOUNT, e.g. detect_node=1") from None
+        if not name.strip() or not out[name.strip()] > 0:
+            raise ValueError(f"--detect-resource {spec!r}: expected NAME=AMOUNT with AMOUNT > 0")
+    return out
+
+
+@functools.wraps(detect_local)
+def detect_command(*args: Any, **kwargs: Any) -> Dict[str, Any]:
+    """Detect objects once and store their features: ``--engine local`` into the
+    SQLite store (:mod:`spacy_agban.detection.cli`), ``--engine ray`` into a Parquet
+    features dataset on a Ray cluster (here, so that detection/ never imports batch/)."""
+    bound = inspect.signature(detect_local).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if a["engine"] != "ray":
+        return detect_local(*args, **kwargs)
+    from .ray_engine import RayOptions, as_uri, run_ray_detect
+
+    try:
+        check_detect_arguments(a["store"], a["detector"], a["engine"], a["min_size"], a["max_size"], a["top_k"],
+                               a["batch_size"], a["limit"], a["actors"])
+        refs, root, why_not = collect_sources(a["source"], a["image_root"])
+    except typer.BadParameter as err:
+        typer.echo(f"detect: {err}", err=True)
+        raise typer.Exit(1)
+    if refs is None:
+        typer.echo(f"detect: {why_not}; nothing to do. The model will use captions/text only.")
+        return {"images": 0, "reason": why_not}
+    refs = refs[: a["limit"]] if a["limit"] is not None else refs
+    args_ = {k: a[k] for k in ("detector", "weights", "min_size", "max_size", "top_k", "batch_size", "score_threshold")}
+    summary = run_ray_detect(refs, str(root) if root else None, as_uri(a["store"]), args_, a["allow_remote"],
+                             RayOptions(address=a["address"], num_gpus=a["num_gpus"], detect_actors=a["actors"],
+                                        detect_batch_size=max(a["batch_size"], 16)))
+    typer.echo(f"detect (ray): {summary['images']} images: {summary['detected']} detected, "
+               f"{summary['cached']} already in {a['store']}, {summary['failed']} failed; "
+               f"{summary['images_per_second']:.2f} images/s, {summary['seconds']:.1f} s in all.")
+    return summary
+
+
+def tag_argument_problem(model: Path, engine: str, output_format: str, id_key: str,
                          text_key: str, counts: Dict[str, int], amounts: Dict[str, float]) -> Optional[str]:
     """What is wrong with the arguments of ``tag`` (None if nothing), before anything runs."""
     if engine not in ENGINES:
         return f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}"
     if output_format not in OUTPUT_FORMATS:
         return f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}, not {output_format!r}"
-    if input_format not in INPUT_FORMATS:
-        return f"--input-format must be one of {', '.join(INPUT_FORMATS)}, not {input_format!r}"
     for option, value in counts.items():
         if value < 1:
             return f"{option} must be at least 1, not {value}"

@@ -22,16 +22,16 @@ Each step catches failures per row: a bad image or caption costs that post its
 image or caption (it is still tagged from the rest) and adds an error to it.
 """
 import contextlib
-import hashlib
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 
-from ..detection.images import ImageLoader, ImageLoadError, ImageSource, is_url
+from ..detection.images import ImageLoader, ImageLoadError, ImageSource
 from ..detection.store import Detections
 from ..visual_units import ObjectUnitSource
 
@@ -48,6 +48,8 @@ OUTPUT_COLUMNS = ("id", "entities", "visual_units", "image_key", "image_status",
 BAD_INPUT = "bad_input"
 BAD_CAPTION = "bad_caption"
 DETECTOR = "detector"
+#: Reading an image's stored features failed (a damaged store row or dataset file).
+OBJECTS = "objects"
 TAG = "tag"
 #: Image failures are ``image_<ImageLoadError.kind>``: image_missing, image_corrupt, ...
 IMAGE_PREFIX = "image_"
@@ -93,6 +95,17 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+#: Lone UTF-16 surrogates: valid in a JSON string escape (``"\\ud800"``) and in a
+#: Python ``str``, but not Unicode text: no UTF-8 writer (Arrow, Parquet) accepts them.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _replace_surrogates(value: str) -> Tuple[str, int]:
+    """``value`` with each lone surrogate replaced by U+FFFD (one character for one:
+    entity offsets stay those of the input), and how many there were."""
+    return _SURROGATES.subn("\ufffd", value)
+
+
 def _excerpt(raw: str, n: int = 80) -> str:
     raw = raw.strip()
     return raw if len(raw) <= n else raw[:n] + "..."
@@ -135,7 +148,10 @@ def parse_records(records: Sequence[Any], wheres: Sequence[str], columns: PostCo
             errors.append(error(BAD_INPUT, f"{where}: no {columns.id!r}; the row is named by its place"))
             post_id = where
         elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
-            post_id = str(raw_id)
+            post_id, bad = _replace_surrogates(str(raw_id))
+            if bad:
+                errors.append(error(BAD_INPUT, f"{where}: {columns.id!r} holds {bad} lone surrogate(s) "
+                                                "(not Unicode), replaced by U+FFFD"))
         else:
             errors.append(error(BAD_INPUT, f"{where}: {columns.id!r} must be a string or an integer, "
                                             f"not {type(raw_id).__name__}"))
@@ -145,6 +161,11 @@ def parse_records(records: Sequence[Any], wheres: Sequence[str], columns: PostCo
             what = "missing" if _missing(text) else f"of type {type(text).__name__}, not a string"
             errors.append(error(BAD_INPUT, f"{where}: {columns.text!r} is {what}; not tagged"))
             text = None
+        else:
+            text, bad = _replace_surrogates(text)
+            if bad:
+                errors.append(error(BAD_INPUT, f"{where}: {columns.text!r} holds {bad} lone surrogate(s) "
+                                                "(not Unicode), replaced by U+FFFD; tagged"))
         image = record.get(columns.image) if columns.image else None
         if _missing(image) or image == "":
             image = None
@@ -152,12 +173,19 @@ def parse_records(records: Sequence[Any], wheres: Sequence[str], columns: PostCo
             errors.append(error(IMAGE_PREFIX + "refused", f"{columns.image!r} must be a path or URI string, "
                                                           f"not {type(image).__name__}"))
             image = None
+        elif _SURROGATES.search(image):
+            errors.append(error(IMAGE_PREFIX + "refused", f"{where}: {columns.image!r} holds a lone surrogate "
+                                                          "(not Unicode): no file or URI has that name"))
+            image = None
         caption = record.get(columns.caption) if columns.caption else None
         if _missing(caption) or caption == "":
             caption = None
         elif not isinstance(caption, str):
             errors.append(error(BAD_CAPTION, f"{columns.caption!r} must be a string, not "
                                              f"{type(caption).__name__}; tagged without it"))
+            caption = None
+        elif _SURROGATES.search(caption):
+            errors.append(error(BAD_CAPTION, "the caption holds lone surrogates (not Unicode); tagged without it"))
             caption = None
         elif len(caption) > MAX_CAPTION_CHARS:
             errors.append(error(BAD_CAPTION, f"the caption has {len(caption)} characters, over "
@@ -239,12 +267,16 @@ def detections_to_row(det: Detections) -> Tuple[bytes, List[str], List[float], L
     )
 
 
-def row_to_detections(features: bytes, labels: List[str], scores: List[float], boxes: List[float]) -> Detections:
+def row_to_detections(features: bytes, labels: List[str], scores: List[float], boxes: List[float],
+                      dim: int = 0) -> Detections:
+    """The inverse of :func:`detections_to_row`. The feature width follows from the
+    bytes; ``dim`` (the detector's, as stored) is only needed for an image in which
+    nothing was detected."""
     n = len(labels)
     array = numpy.frombuffer(features, dtype="<f4")
-    dim = array.size // n if n else 0
+    dim = array.size // n if n else dim
     return Detections(
-        features=array.reshape(n, dim) if n else numpy.zeros((0, 1024), "float32"),
+        features=array.reshape(n, dim) if n else numpy.zeros((0, dim), "float32"),
         labels=list(labels),
         scores=numpy.asarray(scores, "float32"),
         boxes=numpy.asarray(boxes, "float32").reshape(-1, 4),
@@ -252,14 +284,17 @@ def row_to_detections(features: bytes, labels: List[str], scores: List[float], b
 
 
 def detect(batch: Batch, units: Any) -> Batch:
-    """Object columns for each row with an ``image_key``: the store first, the
-    detector on the misses (``units`` is an ObjectUnits: its store, signature,
-    detector, loader and ``top_k``). Drops ``image_bytes``.
+    """Object columns for each row with an ``image_key``, from ``units.lookup``
+    (an ObjectUnits: stored features first, its detector on the misses). Drops
+    ``image_bytes``.
 
-    ``image_status``: none (the post has no image), cached, detected, uncached (a
-    store miss and no detector) or failed (the image could not be read or refused,
-    or detection failed; with an error on the row).
+    ``image_status``: none (the post has no image), cached (read from stored
+    features), detected, uncached (not stored and no detector) or failed (the
+    image could not be read or was refused, or detection failed; with an error
+    on the row).
     """
+    from ..detection.object_units import KeyedImage
+
     n = len(batch["id"])
     errors = [list(e) for e in batch["errors"]]
     # A post whose image was refused or unreadable has an image error and no key.
@@ -268,37 +303,20 @@ def detect(batch: Batch, units: Any) -> Batch:
     objects: List[Optional[Detections]] = [None] * n
     keys, datas, names = batch["image_key"], batch["image_bytes"], batch["image"]
     indices = [i for i in range(n) if keys[i] is not None]
-    store = units.store
-    hits = store.get_many([keys[i] for i in indices], units.signature) if (store is not None and indices) else {}
-    misses: Dict[str, List[int]] = {}
-    sources: Dict[int, ImageSource] = {}
+    images = [KeyedImage(keys[i], names[i], ImageSource(name=names[i], data=datas[i]) if datas[i] else None)
+              for i in indices]
+    found = _lookup(units, images)
     for i in indices:
-        if keys[i] in hits:
-            status[i], objects[i] = "cached", hits[keys[i]].head(units.top_k)
-            units.n_store_hits += 1
+        outcome = found[keys[i]]
+        if outcome.status in ("cached", "detected"):
+            status[i], objects[i] = outcome.status, outcome.detections
+        elif outcome.status == "uncached":
+            status[i] = "uncached"
         else:
-            misses.setdefault(keys[i], []).append(i)
-            sources[i] = ImageSource(name=names[i], data=datas[i])
-    if misses and units.detector is None:
-        for group in misses.values():
-            for i in group:
-                status[i] = "uncached"
-    elif misses:
-        outcomes: List[Any] = [None] * n
-        # The pipeline's own path for misses: decode, batch by shape, detect,
-        # retry one by one on a failure, write back to the store.
-        units._detect_misses(names, misses, sources, outcomes)
-        for group in misses.values():
-            for i in group:
-                outcome = outcomes[i]
-                if outcome is not None and outcome.status == "detected":
-                    status[i], objects[i] = "detected", outcome.detections
-                else:
-                    status[i] = "failed"
-                    kind = getattr(outcome, "kind", None) or "failed"
-                    reason = getattr(outcome, "reason", None) or "no result"
-                    label = DETECTOR if kind == "failed" else IMAGE_PREFIX + kind
-                    errors[i].append(error(label, f"{names[i]}: {reason}"))
+            status[i] = "failed"
+            kind = outcome.kind or "failed"
+            label = {"failed": DETECTOR, OBJECTS: OBJECTS}.get(kind, IMAGE_PREFIX + kind)
+            errors[i].append(error(label, f"{names[i]}: {outcome.reason or 'no result'}"))
     out = {k: v for k, v in batch.items() if k != "image_bytes"}
     out["errors"] = errors
     out["image_status"] = status
@@ -308,6 +326,27 @@ def detect(batch: Batch, units: Any) -> Batch:
     out["obj_scores"] = [r[2] for r in rows]
     out["obj_boxes"] = [r[3] for r in rows]
     return out
+
+
+def _lookup(units: Any, images: List[Any]) -> Dict[str, Any]:
+    """``units.lookup`` on the batch; if it raises (a damaged store row, an
+    unreadable dataset file), once per image, so that the fault costs only the
+    images it concerns: each becomes an ``objects`` error on its rows."""
+    from ..detection.object_units import Outcome
+
+    if not images:
+        return {}
+    try:
+        return units.lookup(images)
+    except Exception:
+        pass
+    found: Dict[str, Any] = {}
+    for image in {im.key: im for im in images}.values():
+        try:
+            found.update(units.lookup([image]))
+        except Exception as err:
+            found[image.key] = Outcome("failed", None, image.ref, f"cannot get its objects: {err}", OBJECTS)
+    return found
 
 
 # -- 4. tagging --------------------------------------------------------------------------
@@ -369,16 +408,13 @@ def _visual_units(doc: Any) -> List[Dict[str, Any]]:
             for u in (doc._.visual_units or [])]
 
 
-def tag(batch: Batch, nlp: Any, batch_size: int = 64,
-        hook: Optional[Callable[[Batch], None]] = None) -> Batch:
+def tag(batch: Batch, nlp: Any, batch_size: int = 64) -> Batch:
     """Run the pipeline on a batch of posts -> output columns (one row per post).
 
     The whole batch goes through ``nlp.pipe``; if that raises, posts are retried
     one by one, each first as it is, then without its caption, then without its
     objects: the post keeps what works and gets an error naming what did not.
     """
-    if hook is not None:
-        hook(batch)
     n = len(batch["id"])
     errors = [list(e) for e in batch["errors"]]
     objects = [_units_of(batch, i) for i in range(n)]
@@ -463,14 +499,31 @@ def format_summary(counts: Counter, seconds: float, engine: str) -> str:
     lines = [f"tag ({engine}): {posts} posts in {seconds:.1f} s ({rate:.1f} posts/s); "
              f"{counts['posts_with_errors']} with errors."]
     if images:
-        lines.append("images: " + ", ".join(f"{v} {k}" for k, v in sorted(images.items())))
+        # cached: read from stored features (the features dataset or the store)
+        names = {"cached": "read from stored features", "detected": "detected",
+                 "uncached": "not stored (no detector)", "failed": "failed"}
+        order = sorted(images, key=lambda k: (list(names).index(k) if k in names else len(names), k))
+        lines.append("images: " + ", ".join(f"{images[k]} {names.get(k, k)}" for k in order))
     if errors:
         lines.append("errors by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))
     return "\n".join(lines)
 
 
-def short_hash(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()[:12]
+def resume_note(output: Any, tagged: int, earlier: int, earlier_parts: int) -> str:
+    """The summary line after a resumed run: what the whole output holds, not only
+    what this run tagged."""
+    if not earlier_parts:
+        return ""
+    return (f"\noutput: {earlier + tagged} posts in all in {output} ({tagged} tagged by this run, "
+            f"{earlier} in the {earlier_parts} parts an earlier run wrote).")
+
+
+def images_not_read_note(not_read: int) -> str:
+    """The summary line when posts name images the pipeline cannot use."""
+    if not not_read:
+        return ""
+    return (f"\nnote: this pipeline does not read images (it was trained without object units): "
+            f"the image of {not_read} posts was not used.")
 
 
 # -- Arrow schemas (pyarrow is imported only when a schema is asked for) ----------------------
@@ -499,6 +552,7 @@ def stage_schema(names: Sequence[str]) -> Any:
         "errors": pa.list_(pa.string()), "image_key": pa.string(), "image_bytes": pa.binary(),
         "image_status": pa.string(), "obj_features": pa.binary(), "obj_labels": pa.list_(pa.string()),
         "obj_scores": pa.list_(pa.float32()), "obj_boxes": pa.list_(pa.float32()),
+        "part": pa.int64(), "row": pa.int64(),
     }
     return pa.schema([(name, types[name]) for name in names])
 

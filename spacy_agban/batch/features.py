@@ -28,7 +28,7 @@ def feature_schema() -> Any:
 
     return pa.schema([
         ("image_key", pa.string()), ("features", pa.binary()), ("labels", pa.list_(pa.string())),
-        ("scores", pa.list_(pa.float32())), ("boxes", pa.list_(pa.float32())),
+        ("scores", pa.list_(pa.float32())), ("boxes", pa.list_(pa.float32())), ("dim", pa.int32()),
     ])
 
 
@@ -43,11 +43,25 @@ def _filesystem(root: str) -> Tuple[Any, str]:
 
 
 class FeatureDataset:
-    """Read and append detections in a Parquet features dataset."""
+    """Read and append detections in a Parquet features dataset.
 
-    def __init__(self, root: str):
+    Also the :class:`~spacy_agban.detection.object_units.FeatureReader` the batch
+    engines attach to the pipeline's object units: :meth:`get_many` reads the
+    dataset before the store, and, if ``writable``, :meth:`put_many` appends what
+    the detector found.
+    """
+
+    def __init__(self, root: str, writable: bool = False):
         self.root = str(root)
+        self.writable = writable
         self.fs, self.path = _filesystem(self.root)
+        self._index: Dict[str, Dict[str, str]] = {}  # sig -> image key -> file
+
+    def __getstate__(self) -> Dict[str, Any]:  # filesystems and indexes are rebuilt where used
+        return {"root": self.root, "writable": self.writable}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(state["root"], state["writable"])  # type: ignore[misc]
 
     def _sig_dir(self, sig: str) -> str:
         return f"{self.path}/sig={sig}"
@@ -107,6 +121,7 @@ class FeatureDataset:
         table = pa.Table.from_pydict({
             "image_key": [key for key, _ in entries], "features": [r[0] for r in rows],
             "labels": [r[1] for r in rows], "scores": [r[2] for r in rows], "boxes": [r[3] for r in rows],
+            "dim": [int(det.features.shape[1]) for _, det in entries],
         }, schema=feature_schema())
         self.fs.create_dir(self._sig_dir(sig), recursive=True)
         target = f"{self._sig_dir(sig)}/part-{uuid.uuid4().hex}.parquet"
@@ -139,10 +154,58 @@ class FeatureDataset:
                         if row["image_key"] in seen:
                             continue
                         seen.add(row["image_key"])
-                        out.append((row["image_key"], row_to_detections(
-                            row["features"], row["labels"], row["scores"], row["boxes"])))
+                        out.append((row["image_key"], _detections(row)))
                     if out:
                         yield out
+
+
+    # -- lookups (the FeatureReader protocol) ------------------------------------------------
+
+    def _keys_to_files(self, sig: str) -> Dict[str, str]:
+        """Which file holds each key (the first written), read once per signature and
+        process: one string column per file, about 100 bytes per image in memory.
+        Files written later by other workers are not seen: their images are detected
+        again, which is harmless (readers keep the first)."""
+        index = self._index.get(sig)
+        if index is None:
+            import pyarrow.parquet as pq
+
+            index = {}
+            for path in self.files(sig):
+                for key in pq.read_table(path, columns=["image_key"], filesystem=self.fs)["image_key"].to_pylist():
+                    index.setdefault(key, path)
+            self._index[sig] = index
+        return index
+
+    def get_many(self, image_keys: Iterable[str], sig: str) -> Dict[str, Detections]:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        index = self._keys_to_files(sig)
+        by_file: Dict[str, List[str]] = {}
+        for key in image_keys:
+            if key in index:
+                by_file.setdefault(index[key], []).append(key)
+        found: Dict[str, Detections] = {}
+        for path, keys in by_file.items():
+            table = pq.read_table(path, filesystem=self.fs, filters=pc.field("image_key").isin(keys))
+            for row in table.to_pylist():
+                found.setdefault(row["image_key"], _detections(row))
+        return found
+
+    def put_many(self, entries: Sequence[Tuple[str, Detections]], sig: str, description: Optional[Dict[str, Any]] = None) -> None:
+        if not self.writable:
+            raise PermissionError(f"the features dataset {self.root} was opened read-only")
+        if description is not None:
+            self.register_signature(sig, description)
+        path = self.write(entries, sig)
+        if path is not None and sig in self._index:
+            for key, _ in entries:
+                self._index[sig].setdefault(key, path)
+
+
+def _detections(row: Dict[str, Any]) -> Detections:
+    return row_to_detections(row["features"], row["labels"], row["scores"], row["boxes"], row.get("dim") or 0)
 
 
 # -- moving features between the SQLite store and the dataset ---------------------------------

@@ -1,9 +1,9 @@
 """The single-machine engine of ``python -m spacy_agban tag``.
 
 One process, no cluster: read a part of posts, then for each batch of it read
-and hash the images, look them up in the pipeline's feature store and detect
-the misses (the pipeline's own object units), run ``nlp.pipe``, and write the
-part. Resumable: see :mod:`.posts`.
+and hash the images, look them up in the features dataset (if given) and the
+pipeline's feature store and detect the misses (the pipeline's own object
+units), run ``nlp.pipe``, and write the part. Resumable: see :mod:`.posts`.
 """
 import time
 from collections import Counter
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from . import core
-from .models import load_tagger, object_units_block, unit_overrides
-from .posts import Parts, concat, count_posts, input_files, iter_posts, job_description, slices
+from .models import attach_features, load_tagger, object_units_block, unit_overrides
+from .posts import Parts, concat, job_description, open_input, plan_parts, read_part, slices
 
 
 def run_local(
@@ -28,32 +28,40 @@ def run_local(
     allow_remote: Optional[bool] = None,
     resume: bool = True,
     progress: bool = True,
+    features: Optional[str] = None,
     after_part: Optional[Callable[[int], None]] = None,
 ) -> Dict[str, Any]:
     """Tag every post of ``input_path`` into numbered parts under ``output``.
 
-    after_part: called with each part's index once it is written (tests use it
-    to interrupt a run).
+    features: a Parquet features dataset read before the pipeline's store (new
+    detections are added to it). after_part: called with each part's index once
+    it is written (tests use it to interrupt a run).
     """
     input_path = Path(input_path).resolve()
-    files, fmt = input_files(input_path)
+    source = open_input(input_path, columns)
     parts = Parts(Path(output), output_format)
     done = parts.check_job(job_description(input_path, columns, part_size, output_format, model), resume)
+    plan = plan_parts(source, part_size)
     _, block = object_units_block(model)
     device = f"cuda:{gpu_id}" if gpu_id >= 0 else None
     nlp = load_tagger(model, unit_overrides(block, image_root, allow_remote, device), gpu_id=gpu_id)
     units = _object_units(nlp)
     if units is not None:
         units.max_warnings = 0  # a bad image is an error row, not a warning
-    total = count_posts(files, fmt)
-    earlier = min(done * part_size, total)  # posts in the parts an earlier run wrote
+        attach_features(units, features)
+    total = sum(seg.count for segments in plan for seg in segments)
+    earlier_parts = [k for k in done if k < len(plan)]
+    skipped = sum(seg.count for k in earlier_parts for seg in plan[k])  # posts an earlier run wrote
     counts: Counter = Counter()
     stage_seconds: Counter = Counter()
     start = time.perf_counter()
-    bar = _bar(total, done * part_size, progress)
-    index = done
+    bar = _bar(total, skipped, progress)
+    written = 0
     try:
-        for part in iter_posts(input_path, columns, part_size, skip=done * part_size):
+        for index, segments in enumerate(plan):
+            if index in done:
+                continue
+            part = read_part(source, segments)
             outputs = []
             for batch in slices(part, batch_size):
                 if units is None:
@@ -73,21 +81,17 @@ def run_local(
                 bar.update(len(out["id"]))
                 bar.set_postfix(errors=counts["posts_with_errors"])
             parts.write(index, concat(outputs))
+            written += 1
             if after_part is not None:
                 after_part(index)
-            index += 1
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     summary = core.format_summary(counts, seconds, "local")
-    if done:
-        summary += (f"\noutput: {earlier + counts['posts']} posts in all in {output} ({counts['posts']} "
-                    f"tagged by this run, {earlier} in the {done} parts an earlier run wrote).")
-    if counts["images_not_read"]:
-        summary += (f"\nnote: this pipeline does not read images (it was trained without object units): "
-                    f"the image of {counts['images_not_read']} posts was not used.")
-    return {"engine": "local", "posts": counts["posts"], "posts_in_output": earlier + counts["posts"],
-            "parts_skipped": done, "parts": index,
+    summary += core.resume_note(output, counts["posts"], skipped, len(earlier_parts))
+    summary += core.images_not_read_note(counts["images_not_read"])
+    return {"engine": "local", "posts": counts["posts"], "posts_in_output": skipped + counts["posts"],
+            "parts_skipped": len(done), "parts": len(plan), "parts_written": written,
             "seconds": seconds, "posts_per_second": counts["posts"] / seconds if seconds > 0 else 0.0,
             "counts": dict(counts), "stage_seconds": dict(stage_seconds), "summary": summary}
 

@@ -4,8 +4,8 @@
   Ray tag actors) its object units are not built at all (no detector, no
   store): the detected objects arrive as columns.
 - :func:`load_object_units`: only the pipeline's ``object_units`` block (store,
-  detector, image rules), resolved without loading the pipeline: what a detect
-  worker needs.
+  detector, image rules), resolved without loading the pipeline, plus the
+  features dataset: what an objects worker needs.
 """
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -93,15 +93,22 @@ def load_tagger(model: str, changes: Optional[Dict[str, Any]] = None, objects_fr
     return nlp
 
 
-def load_object_units(model: str, changes: Optional[Dict[str, Any]] = None, keep_store: bool = True) -> Any:
-    """The pipeline's ObjectUnits alone (None if it has none). ``keep_store=False``
-    drops the SQLite store when there is a detector (a Ray worker on another
-    machine has no access to this machine's store)."""
+def load_object_units(model: str, changes: Optional[Dict[str, Any]] = None, features: Optional[str] = None,
+                      shared: bool = False) -> Any:
+    """The pipeline's ObjectUnits alone (None if it has none), pinned to the detector
+    signature the model was trained with, as the loaded pipe would pin it.
+
+    features: a Parquet features dataset read before the store (new detections are
+    added to it). shared: many workers, perhaps on other machines, use these units:
+    the SQLite store is only read (never written, so that no node writes a store
+    file that others cannot see), and left out on a node where it does not exist
+    when there is a detector or a features dataset to use instead.
+    """
     from spacy.util import registry
 
     import spacy_agban  # noqa: F401  (registrations)
 
-    _, block = object_units_block(model)
+    name, block = object_units_block(model)
     if block is None:
         return None
     block = _deep_copy(block)
@@ -109,11 +116,50 @@ def load_object_units(model: str, changes: Optional[Dict[str, Any]] = None, keep
         target = block
         *path, last = key.split(".")
         for part in path:
-            target = target[part]
-        target[last] = value
-    if not keep_store and block.get("detector"):
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict):  # a change to an absent block (detector = null) has nothing to change
+            target[last] = value
+    if shared and block.get("store") and not Path(block["store"]).is_file() and (block.get("detector") or features):
         block["store"] = None
-    return registry.resolve({"units": block})["units"]
+    if not block.get("store") and not block.get("detector") and features:
+        units = _object_units_without_store(block, features)
+    else:
+        units = registry.resolve({"units": block})["units"]
+        attach_features(units, features)
+    if shared:
+        units.write_store = False
+    signature = _trained_signature(model, name)
+    if signature:
+        units.pin_signature(signature)
+    return units
+
+
+def _object_units_without_store(block: Dict[str, Any], features: str) -> Any:
+    from ..detection.object_units import ObjectUnits
+    from .features import FeatureDataset
+
+    keep = {k: v for k, v in block.items() if k in ("image_root", "allow_remote", "max_pixels", "top_k", "signature")}
+    return ObjectUnits(features=FeatureDataset(features, writable=False), **keep)
+
+
+def attach_features(units: Any, features: Optional[str]) -> None:
+    """Read the features dataset ``features`` before the store; where there is a
+    detector, what it finds is added to the dataset."""
+    if units is None or not features:
+        return
+    from .features import FeatureDataset
+
+    units.features = FeatureDataset(features, writable=units.detector is not None)
+
+
+def _trained_signature(model: str, name: Optional[str]) -> Optional[str]:
+    """The detector signature recorded by the agban pipe at training time."""
+    import json
+
+    path = Path(model) / str(name) / "cfg"
+    if name is None or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("object_signature") or None
 
 
 def _deep_copy(value: Any) -> Any:

@@ -5,19 +5,24 @@ of them (read in name order). Every non-blank JSONL line and every Parquet row
 is one post and gives exactly one output row: a malformed one gives a row with
 an ``error``, never nothing.
 
+Both engines read the input the same way: :func:`plan_parts` cuts it into parts
+of ``part_size`` posts (one pass over JSONL files, in binary: lines end at
+``b"\n"`` only), and :func:`read_part` reads and parses one part (on the Ray
+engine, in a worker), naming each post by its place (``file:line``).
+
 Output: a folder of ``part-NNNNNN.parquet`` (or ``.jsonl``) files, part ``k``
 holding input posts ``k * part_size`` to ``(k + 1) * part_size - 1`` in input
 order, plus ``_job.json`` (what the parts were made from). A part is written to
 a temporary name and renamed when complete, so an interrupted run leaves only
-complete parts, and the next run starts after the last one.
+complete parts, and the next run redoes only the missing ones.
 """
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Set, Tuple
 
-from .core import Batch, PostColumns, output_schema, parse_lines, parse_records
+from .core import POST_COLUMNS, Batch, PostColumns, output_schema, parse_lines, parse_records
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -47,14 +52,16 @@ def input_files(path: Path) -> Tuple[List[Path], str]:
     return files, formats.pop()
 
 
-def count_posts(files: List[Path], fmt: str) -> int:
+def count_posts(files: Sequence[Path], fmt: str) -> int:
+    """How many posts ``files`` hold (non-blank JSONL lines, split on ``b"\n"`` as
+    :func:`plan_parts` does; Parquet rows from the footers), without parsing them."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     total = 0
     for f in files:
-        with f.open("rb") as handle:
+        with open(f, "rb") as handle:
             total += sum(1 for line in handle if line.strip())
     return total
 
@@ -75,68 +82,133 @@ def check_parquet_columns(files: List[Path], columns: PostColumns) -> PostColumn
     )
 
 
-def iter_posts(path: Path, columns: PostColumns, block: int, skip: int = 0) -> Iterator[Batch]:
-    """Parsed post batches of ``block`` posts (the last may be shorter), after
-    skipping the first ``skip`` posts."""
-    files, fmt = input_files(path)
+# -- parts: the unit of work, of output and of resuming, for both engines ---------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive posts of one file. JSONL: ``offset`` is the byte offset of the
+    first post's line and ``line`` its number (1-based); Parquet: both are the
+    first row's index (0-based)."""
+
+    file: str
+    offset: int
+    line: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Input:
+    """What to read: the files, their format, and the columns to read from them."""
+
+    files: Tuple[str, ...]
+    fmt: str
+    columns: PostColumns
+
+
+def open_input(path: Path, columns: PostColumns) -> Input:
+    """The files of ``path``, their format and (Parquet) the columns they hold."""
+    files, fmt = input_files(Path(path))
     if fmt == "parquet":
         columns = check_parquet_columns(files, columns)
-        yield from _rebatch(_parquet_batches(files, columns, skip), block)
-    else:
-        yield from _rebatch(_jsonl_batches(files, columns, skip, block), block)
+    return Input(tuple(str(f) for f in files), fmt, columns)
 
 
-def _jsonl_batches(files: List[Path], columns: PostColumns, skip: int, block: int) -> Iterator[Batch]:
-    seen = 0
-    for f in files:
-        lines: List[str] = []
-        wheres: List[str] = []
-        # Bytes, split on b"\n" only: text mode would also split on a bare "\r", which
-        # JSON allows as whitespace inside a record, making two broken rows of one post.
-        with f.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                seen += 1
-                if seen <= skip:
-                    continue
-                lines.append(raw.decode("utf-8", errors="replace"))
-                wheres.append(f"{f.name}:{number}")
-                if len(lines) == block:
-                    yield parse_lines(lines, wheres, columns)
-                    lines, wheres = [], []
-        if lines:
-            yield parse_lines(lines, wheres, columns)
+def plan_parts(source: Input, part_size: int) -> List[List[Segment]]:
+    """Split the input into parts of ``part_size`` posts (the last may be shorter;
+    a part may span files). One pass over JSONL files to find where each part
+    starts; Parquet files only have their footers read."""
+    if part_size < 1:
+        raise InputError(f"the part size must be at least 1, not {part_size}")
+    parts: List[List[Segment]] = []
+    current: List[Segment] = []
+    filled = 0
+
+    def add(file: str, offset: int, line: int, count: int) -> None:
+        nonlocal current, filled
+        current.append(Segment(file, offset, line, count))
+        filled += count
+        if filled == part_size:
+            parts.append(current)
+            current, filled = [], 0
+
+    for file in source.files:
+        if source.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(file).metadata.num_rows
+            row = 0
+            while row < rows:
+                take = min(part_size - filled, rows - row)
+                add(file, row, row, take)
+                row += take
+            continue
+        start = start_line = None
+        count = 0
+        offset = 0
+        with open(file, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):  # binary: lines end at b"\n" only
+                if raw.strip():
+                    if start is None:
+                        start, start_line = offset, number
+                    count += 1
+                    if filled + count == part_size:
+                        add(file, start, start_line, count)  # type: ignore[arg-type]
+                        start = start_line = None
+                        count = 0
+                offset += len(raw)
+        if count:
+            add(file, start, start_line, count)  # type: ignore[arg-type]
+    if current:
+        parts.append(current)
+    return parts
 
 
-def _parquet_batches(files: List[Path], columns: PostColumns, skip: int) -> Iterator[Batch]:
-    import pyarrow.parquet as pq
+def read_part(source: Input, segments: Sequence[Segment]) -> Batch:
+    """The parsed posts of one part (:data:`~.core.POST_COLUMNS`), each named by its
+    place (``file:line`` or ``file:row<n>``) for the messages about it."""
+    batches = [_read_segment(source, seg) for seg in segments]
+    return concat(batches) if batches else {name: [] for name in POST_COLUMNS}
 
-    wanted = [c for c in (columns.id, columns.text, columns.image, columns.caption) if c]
-    seen = 0
-    for f in files:
-        reader = pq.ParquetFile(f)
-        for batch in reader.iter_batches(batch_size=4096, columns=wanted):
-            start = seen
+
+def _read_segment(source: Input, seg: Segment) -> Batch:
+    name = Path(seg.file).name
+    if source.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        columns = source.columns
+        wanted = [c for c in (columns.id, columns.text, columns.image, columns.caption) if c]
+        records: List[Any] = []
+        seen = 0
+        for batch in pq.ParquetFile(seg.file).iter_batches(batch_size=4096, columns=wanted):
+            if seen + batch.num_rows > seg.offset and len(records) < seg.count:
+                lo = max(0, seg.offset - seen)
+                records.extend(batch.slice(lo, seg.count - len(records)).to_pylist())
             seen += batch.num_rows
-            if seen <= skip:
+            if len(records) >= seg.count:
+                break
+        wheres = [f"{name}:row{seg.offset + j}" for j in range(len(records))]
+        return parse_records(records, wheres, columns)
+    lines: List[str] = []
+    wheres: List[str] = []
+    with open(seg.file, "rb") as handle:
+        handle.seek(seg.offset)
+        for number, raw in enumerate(handle, start=seg.line):
+            if not raw.strip():
                 continue
-            records = batch.to_pylist()
-            offset = max(0, skip - start)
-            records = records[offset:]
-            wheres = [f"{f.name}:row{start + offset + j}" for j in range(len(records))]
-            yield parse_records(records, wheres, columns)
+            lines.append(raw.decode("utf-8", errors="replace"))
+            wheres.append(f"{name}:{number}")
+            if len(lines) == seg.count:
+                break
+    return parse_lines(lines, wheres, source.columns)
 
 
-def _rebatch(batches: Iterator[Batch], size: int) -> Iterator[Batch]:
-    pending: Optional[Batch] = None
-    for batch in batches:
-        pending = batch if pending is None else {k: pending[k] + batch[k] for k in pending}
-        while len(pending["id"]) >= size:
-            yield {k: v[:size] for k, v in pending.items()}
-            pending = {k: v[size:] for k, v in pending.items()}
-    if pending is not None and pending["id"]:
-        yield pending
+def segments_to_json(segments: Sequence[Segment]) -> str:
+    return json.dumps([asdict(s) for s in segments])
+
+
+def segments_from_json(text: str) -> List[Segment]:
+    return [Segment(**s) for s in json.loads(text)]
 
 
 def slices(batch: Batch, size: int) -> Iterator[Batch]:
@@ -168,20 +240,19 @@ class Parts:
     def name(self, index: int) -> Path:
         return self.folder / f"part-{index:06d}.{self.fmt}"
 
-    def complete(self) -> int:
-        """How many parts, from part 0 on without a gap, are complete."""
-        n = 0
-        while self.name(n).exists():
-            n += 1
-        return n
+    def done(self) -> Set[int]:
+        """The indices of the complete parts (a Ray job completes them in any order)."""
+        prefix, suffix = "part-", f".{self.fmt}"
+        return {int(p.name[len(prefix):-len(suffix)]) for p in self.folder.glob(f"{prefix}*{suffix}")
+                if p.name[len(prefix):-len(suffix)].isdigit()}
 
-    def check_job(self, job: Dict[str, Any], resume: bool) -> int:
-        """Start or resume the job; returns the number of parts already done."""
+    def check_job(self, job: Dict[str, Any], resume: bool) -> Set[int]:
+        """Start or resume the job; returns the parts already done."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob("*.tmp"):
             stale.unlink()  # a part cut off mid-write
         path = self.folder / JOB_FILE
-        done = self.complete()
+        done = self.done()
         if path.exists():
             before = json.loads(path.read_text())
             if before != job:
@@ -189,7 +260,7 @@ class Parts:
                 raise InputError(f"{self.folder} holds parts of another job (it differs in {changed}); "
                                  "use a new output folder")
             if done and not resume:
-                raise InputError(f"{self.folder} already holds {done} parts; pass --resume to go on "
+                raise InputError(f"{self.folder} already holds {len(done)} parts; pass --resume to go on "
                                  "after them, or use a new output folder")
         elif any(self.folder.iterdir()):
             raise InputError(f"output folder {self.folder} is not empty and holds no {JOB_FILE}")

@@ -110,18 +110,11 @@ def detect_command(
         typer.echo(f"detect: {why_not}; nothing to do. The model will use captions/text only.")
         return {"images": 0, "reason": why_not}
     refs = refs[:limit] if limit is not None else refs
-    if engine == "ray":
-        from ..batch.ray_engine import RayOptions, as_uri, run_ray_detect
-
-        args = dict(detector=detector, weights=weights, min_size=min_size, max_size=max_size, top_k=top_k,
-                    batch_size=batch_size, score_threshold=score_threshold)
-        summary = run_ray_detect(refs, str(root) if root else None, as_uri(store), args, allow_remote,
-                                 RayOptions(address=address, num_gpus=num_gpus, detect_actors=actors,
-                                            detect_batch_size=max(batch_size, 16)))
-        typer.echo(f"detect (ray): {summary['images']} images: {summary['detected']} detected, "
-                   f"{summary['cached']} already in {store}, {summary['failed']} failed; "
-                   f"{summary['images_per_second']:.2f} images/s, {summary['seconds']:.1f} s in all.")
-        return summary
+    if engine != "local":
+        # --engine ray is run by `python -m spacy_agban detect` (spacy_agban.batch.cli), which
+        # comes here for local runs: detection/ never imports the batch package.
+        typer.echo(f"detect: engine {engine!r} is not run here: use `python -m spacy_agban detect`", err=True)
+        raise typer.Exit(1)
     from .object_units import ObjectUnits
 
     try:

@@ -12,7 +12,7 @@ counted among the merely unstored.
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
 from spacy.tokens import Doc
 from spacy.util import registry
@@ -49,6 +49,31 @@ class Outcome:
     kind: Optional[str] = None
 
 
+@dataclass
+class KeyedImage:
+    """An image already hashed: its content key (sha256 of the bytes), its reference
+    (named in messages, read again if ``source`` is None) and its bytes when at hand."""
+
+    key: str
+    ref: Any
+    source: Optional[ImageSource] = None
+
+
+class FeatureReader(Protocol):
+    """Stored detections keyed by content and detector signature, read before the
+    store (the batch engines attach a Parquet features dataset here). A reader that
+    is ``writable`` also receives new detections through ``put_many``."""
+
+    writable: bool
+
+    def signatures(self) -> Dict[str, Dict[str, Any]]: ...
+
+    def get_many(self, image_keys: Iterable[str], sig: str) -> Dict[str, Detections]: ...
+
+    def put_many(self, entries: Sequence[Tuple[str, Detections]], sig: str,
+                 description: Optional[Dict[str, Any]] = None) -> None: ...
+
+
 class ObjectUnits(ObjectUnitSource):
     """Object units from a feature store, a detector, or both."""
 
@@ -63,8 +88,9 @@ class ObjectUnits(ObjectUnitSource):
         signature: Optional[str] = None,
         record_failures: bool = False,
         max_warnings: int = MAX_WARNINGS,
+        features: Optional[FeatureReader] = None,
     ):
-        if store is None and detector is None:
+        if store is None and detector is None and features is None:
             raise ValueError("ObjectUnits needs a feature store, a detector, or both")
         if detector is not None and top_k > detector.top_k:
             raise ValueError(f"top_k={top_k} exceeds the detector's top_k={detector.top_k}")
@@ -86,11 +112,15 @@ class ObjectUnits(ObjectUnitSource):
         self._signature_arg = signature
         self._signature: Optional[str] = None
         self.record_failures = record_failures
-        self.max_warnings = max_warnings
         self.skipped = SkipWarnings("images", ImageWarning, limit=max_warnings)
-        # Counters, for tests and the detect command's summary.
+        #: Read before the store (None: the store alone); see :class:`FeatureReader`.
+        self.features: Optional[FeatureReader] = features
+        #: Whether new detections go to the store (a cluster worker only reads it).
+        self.write_store = True
+        # Counters, for tests and the summaries: distinct images per lookup.
         self.n_detector_images = 0
         self.n_store_hits = 0
+        self.n_feature_hits = 0
         self._warned_no_detector = False
         self._key_memo: Dict[Any, str] = {}
         # Without a detector: content keys of unstored images already checked to decode.
@@ -103,6 +133,16 @@ class ObjectUnits(ObjectUnitSource):
         self._decodable.clear()
 
     @property
+    def max_warnings(self) -> int:
+        """Images named in a warning of their own (the rest are counted); 0: none,
+        as in the batch engines, where a bad image is an error row instead."""
+        return self.skipped.limit
+
+    @max_warnings.setter
+    def max_warnings(self, value: int) -> None:
+        self.skipped.limit = value
+
+    @property
     def n_warnings(self) -> int:
         """Distinct images skipped so far (named in a warning or, past the limit, counted)."""
         return self.skipped.count
@@ -113,7 +153,7 @@ class ObjectUnits(ObjectUnitSource):
     def store(self) -> Optional[FeatureStore]:
         if self._store is None and self._store_arg is not None:
             # Only a source that detects writes to the store, so only it may create one.
-            self._store = FeatureStore(self._store_arg, create=self.detector is not None)  # type: ignore[arg-type]
+            self._store = FeatureStore(self._store_arg, create=self.detector is not None and self.write_store)  # type: ignore[arg-type]
         return self._store
 
     def pin_signature(self, signature: str) -> None:
@@ -149,13 +189,14 @@ class ObjectUnits(ObjectUnitSource):
                     f"signature {wanted!r} given, but the detector's is {key!r} "
                     f"({self.detector.signature()})"
                 )
-            if self.store is not None:
+            if self.store is not None and self.write_store:
                 self.store.register_signature(key, self.detector.signature())
             return key
-        assert self.store is not None
-        known = self.store.signatures()
+        source: Any = self.store if self.store is not None else self.features
+        assert source is not None
+        known = source.signatures()
         if wanted is not None:
-            if not self.store.holds(wanted):
+            if not (self.store.holds(wanted) if self.store is not None else wanted in known):
                 self._warn_unknown_signature(wanted, known)
             return wanted
         if len(known) == 1:
@@ -163,7 +204,7 @@ class ObjectUnits(ObjectUnitSource):
         if not known:  # every lookup misses; __call__ warns once, docs fall back
             return ""
         raise ValueError(
-            f"the feature store {self.store.path} holds {len(known)} detector signatures; "
+            f"the feature store {self._source_name()} holds {len(known)} detector signatures; "
             f"configure object units with signature = one of {sorted(known)}"
         )
 
@@ -178,35 +219,60 @@ class ObjectUnits(ObjectUnitSource):
     def detections_for(self, refs: Sequence[Any]) -> List[Outcome]:
         """One :class:`Outcome` per image reference (None: no image)."""
         outcomes: List[Optional[Outcome]] = [None] * len(refs)
-        keys: Dict[int, str] = {}
-        sources: Dict[int, Optional[ImageSource]] = {}
+        keyed: Dict[int, KeyedImage] = {}
         for i, ref in enumerate(refs):
             if ref is None:
                 outcomes[i] = Outcome("none")
                 continue
             try:
-                keys[i], sources[i] = self._content_key(ref)
+                key, source = self._content_key(ref)
             except ImageLoadError as err:
                 outcomes[i] = self._failed(err)
-        if not keys:
-            if self.record_failures and self.store is not None:
-                self._record_failures(outcomes)  # type: ignore[arg-type]
-            return outcomes  # type: ignore[return-value]
-        hits = self.store.get_many(keys.values(), self.signature) if self.store is not None else {}
-        misses: Dict[str, List[int]] = {}  # one detection per distinct image
-        for i, key in keys.items():
-            if key in hits:
-                self.n_store_hits += 1
-                outcomes[i] = Outcome("cached", hits[key].head(self.top_k), describe(refs[i]))
-            else:
-                misses.setdefault(key, []).append(i)
-        if misses and self.detector is None:
-            self._check_unstored(refs, misses, sources, outcomes)
-        elif misses:
-            self._detect_misses(refs, misses, sources, outcomes)
+                continue
+            keyed[i] = KeyedImage(key, ref, source)
+        found = self.lookup(list(keyed.values())) if keyed else {}
+        for i, image in keyed.items():
+            outcome = found[image.key]
+            # a stored result is named after each reference that asked for it
+            outcomes[i] = Outcome("cached", outcome.detections, describe(refs[i])) if outcome.status == "cached" else outcome
         if self.record_failures and self.store is not None:
             self._record_failures(outcomes)  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
+
+    def lookup(self, images: Sequence["KeyedImage"]) -> Dict[str, Outcome]:
+        """One :class:`Outcome` per distinct content key: the stored features first
+        (the ``features`` reader, then the store), the detector on the misses (one
+        detection per distinct image; new results are written back). Without a
+        detector a miss is decoded once and is ``uncached`` (or ``failed``, named).
+
+        The one keyed lookup of this package: the pipe (through
+        :meth:`detections_for`) and the batch engines (which read and hash the
+        images themselves) both call it.
+        """
+        first: Dict[str, KeyedImage] = {}
+        for image in images:
+            if image.key not in first or (first[image.key].source is None and image.source is not None):
+                first[image.key] = image
+        found: Dict[str, Outcome] = {}
+        pending = list(first)
+        if self.features is not None and pending:
+            hits = self.features.get_many(pending, self.signature)
+            self.n_feature_hits += len(hits)
+            for key, det in hits.items():
+                found[key] = Outcome("cached", det.head(self.top_k), describe(first[key].ref))
+            pending = [k for k in pending if k not in hits]
+        if self.store is not None and pending:
+            hits = self.store.get_many(pending, self.signature)
+            self.n_store_hits += len(hits)
+            for key, det in hits.items():
+                found[key] = Outcome("cached", det.head(self.top_k), describe(first[key].ref))
+            pending = [k for k in pending if k not in hits]
+        misses = {key: first[key] for key in pending}
+        if misses and self.detector is None:
+            found.update(self._check_unstored(misses))
+        elif misses:
+            found.update(self._detect_misses(misses))
+        return found
 
     def _record_failures(self, outcomes: List[Outcome]) -> None:
         failed = {o.name: o for o in outcomes if o.status in ("failed", "missing")}
@@ -247,68 +313,56 @@ class ObjectUnits(ObjectUnitSource):
         source = self.loader.read(ref)
         return source.content_key(), source
 
-    def _check_unstored(
-        self,
-        refs: Sequence[Any],
-        misses: Dict[str, List[int]],
-        sources: Dict[int, Optional[ImageSource]],
-        outcomes: List[Optional[Outcome]],
-    ) -> None:
+    def _check_unstored(self, misses: Dict[str, "KeyedImage"]) -> Dict[str, Outcome]:
         """Store misses without a detector: decode each once, so that a bad image is
         named (as it would be with a detector) and only good ones count as unstored."""
-        unstored = 0
-        for key, indices in misses.items():
-            first = indices[0]
+        found: Dict[str, Outcome] = {}
+        for key, image in misses.items():
             if key not in self._decodable:
                 try:
-                    self.loader.decode(sources.get(first) or self.loader.read(refs[first]))
+                    self.loader.decode(image.source or self.loader.read(image.ref))
                 except ImageLoadError as err:
-                    outcome = self._failed(err)
-                    for i in indices:
-                        outcomes[i] = outcome
+                    found[key] = self._failed(err)
                     continue
                 self._decodable.add(key)
-            unstored += 1
-            for i in indices:
-                outcomes[i] = Outcome("uncached", None, describe(refs[i]))
-        if unstored:
-            self._warn_no_detector(unstored)
+            found[key] = Outcome("uncached", None, describe(image.ref))
+        if found and any(o.status == "uncached" for o in found.values()):
+            self._warn_no_detector(sum(o.status == "uncached" for o in found.values()))
+        return found
 
-    def _detect_misses(
-        self,
-        refs: Sequence[Any],
-        misses: Dict[str, List[int]],
-        sources: Dict[int, Optional[ImageSource]],
-        outcomes: List[Optional[Outcome]],
-    ) -> None:
+    def _detect_misses(self, misses: Dict[str, "KeyedImage"]) -> Dict[str, Outcome]:
         assert self.detector is not None
+        found: Dict[str, Outcome] = {}
         chunk_size = self.detector.batch_size * DECODE_BATCHES
         pending = list(misses.items())
         for start in range(0, len(pending), chunk_size):
-            chunk = pending[start : start + chunk_size]
             loaded = []
-            for key, indices in chunk:
-                first = indices[0]
+            for key, keyed in pending[start : start + chunk_size]:
                 try:
-                    source = sources.get(first) or self.loader.read(refs[first])
-                    loaded.append((key, indices, self.loader.decode(source)))
+                    loaded.append((key, self.loader.decode(keyed.source or self.loader.read(keyed.ref))))
                 except ImageLoadError as err:
-                    outcome = self._failed(err)
-                    for i in indices:
-                        outcomes[i] = outcome
-            results = self._run_detector([image for _, _, image in loaded])
+                    found[key] = self._failed(err)
+            results = self._run_detector([image for _, image in loaded])
             written = []
-            for (key, indices, image), result in zip(loaded, results):
+            for (key, image), result in zip(loaded, results):
                 if isinstance(result, Exception):
-                    outcome = self._failed(ImageLoadError(image.name, f"detector failed: {result}", "failed"))
+                    found[key] = self._failed(ImageLoadError(image.name, f"detector failed: {result}", "failed"))
                 else:
                     result = rescale_boxes(result, image.scale)
                     written.append((key, result))
-                    outcome = Outcome("detected", result.head(self.top_k), image.name)
-                for i in indices:
-                    outcomes[i] = outcome
-            if self.store is not None and written:
-                self.store.put_many(written, self.signature)  # one transaction per chunk
+                    found[key] = Outcome("detected", result.head(self.top_k), image.name)
+            if written:
+                self._write_back(written)
+        return found
+
+    def _write_back(self, written: List[Tuple[str, Detections]]) -> None:
+        """New detections to the store (one transaction per chunk) and the features
+        dataset, where each is writable."""
+        if self.store is not None and self.write_store:
+            self.store.put_many(written, self.signature)
+        if self.features is not None and self.features.writable:
+            description = self.detector.signature() if self.detector is not None else None
+            self.features.put_many(written, self.signature, description)
 
     def _run_detector(self, images: List[Any]) -> List[Union[Detections, Exception]]:
         """Detect a chunk; if it fails, retry image by image so one bad image costs only itself."""
@@ -345,11 +399,13 @@ class ObjectUnits(ObjectUnitSource):
             stacklevel=4,
         )
 
+    def _source_name(self) -> str:
+        return str(self.store.path) if self.store is not None else str(getattr(self.features, "root", self.features))
+
     def _warn_unknown_signature(self, signature: str, known: Dict[str, Dict[str, object]]) -> None:
-        assert self.store is not None
         self._warned_no_detector = True  # this says more than the generic store-miss warning
         warnings.warn(
-            f"The feature store {self.store.path} holds no object features of detector "
+            f"The feature store {self._source_name()} holds no object features of detector "
             f"signature {signature!r} (the detector the model was trained with, or the one "
             f"configured); it holds {len(known)} other signature(s): {sorted(known)}. Every "
             "doc gets no object units. Fill the store with that detector and settings "
