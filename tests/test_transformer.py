@@ -71,7 +71,7 @@ def test_config_builds_a_transformer_only_agban():
     model = nlp.get_pipe("agban").model
     assert model.attrs["use_word_features"] is False and model.attrs["char_dim"] == 0
     assert nlp.get_pipe("transformer").listeners, "agban's listener is not connected"
-    # the shipped settings (build_nlp always builds the transformer-only head)
+    # the shipped settings, as the config gives them
     shipped = build_trf_nlp(CONFIG, overrides={"paths.transformer": str(minilm.get_model_path())})
     shipped = shipped.get_pipe("agban").model.attrs
     assert shipped["use_word_features"] is True and shipped["char_dim"] == 30
