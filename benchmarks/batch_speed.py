@@ -127,6 +127,15 @@ def stage_table(folder: Path) -> Dict[str, Dict[str, float]]:
                    "processes": len(s["pids"])} for name, s in stages.items()}
 
 
+def empty_store(store: Path) -> None:
+    """Replace the pipeline's SQLite store by an empty one (its -wal/-shm files too)."""
+    from spacy_agban.detection.store import FeatureStore
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(store) + suffix).unlink(missing_ok=True)
+    FeatureStore(store).close()
+
+
 def run_local_once(model: Path, posts: Path, out: Path, store: Path) -> Dict[str, Any]:
     from spacy_agban.batch.local import run_local
 
@@ -306,6 +315,7 @@ def main(
         posts_path = make_inputs(work, posts)
         model = make_pipeline(work, min_size)
         runs = [run_local_once(model, posts_path, work / "out_local", work / "objects.sqlite")]
+        empty_store(work / "objects.sqlite")  # the first Ray run detects every image, as the local one did
         features = work / "features"  # filled by the first Ray run, read by the ones after
         part_size = max(1, posts // 8)
         counts = [int(a) for a in ray_actors.split(",")]
