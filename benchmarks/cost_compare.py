@@ -226,12 +226,9 @@ def main(
     result["same_entities"] = {
         name: ents[f"{name}@baseline"] == ents[f"{name}@new"] for name in pipelines.split(",")
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
-    text = markdown(result)
-    if report is not None:
-        report.write_text(text)
-    typer.echo(text)
+    from .paths import write_report
+
+    write_report(result, output, report, markdown)
 
 
 def markdown(result: Dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import typer  # noqa: E402
 
 from .machine import machine, machine_line  # noqa: E402
-from .paths import ROOT, relative  # noqa: E402
+from .paths import ROOT, relative, write_report  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 
@@ -73,12 +73,7 @@ def main(
                                  "docs_per_s": len(docs[name]) / statistics.median(seconds[name])}
     result["load_average"] = os.getloadavg()
     result["wall_s"] = time.perf_counter() - started
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
-    text = markdown(result)
-    if report is not None:
-        report.write_text(text)
-    typer.echo(text)
+    write_report(result, output, report, markdown)
 
 
 def markdown(result: Dict[str, Any]) -> str:

@@ -3,7 +3,7 @@ import os
 import site
 import sysconfig
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 _ROOTS = (ROOT, Path(os.path.abspath(__file__)).parents[1])  # resolved and as reached
@@ -34,4 +34,18 @@ def without_machine_paths(text: str) -> str:
     """Text (a cProfile table, a log) with this checkout's and this Python's folders taken out."""
     for prefix, shown in _prefixes():
         text = text.replace(prefix, shown)
+    return text
+
+
+def write_report(result: Dict[str, Any], output: Path, report: Optional[Path],
+                 markdown: Callable[[Dict[str, Any]], str]) -> str:
+    """Write a benchmark's result as JSON to ``output`` and, rendered, to ``report``; echo it."""
+    import json
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    text = markdown(result)
+    if report is not None:
+        report.write_text(text)
+    print(text)
     return text

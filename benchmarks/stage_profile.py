@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import typer  # noqa: E402
 
 from .machine import machine, machine_line  # noqa: E402
-from .paths import ROOT  # noqa: E402
+from .paths import ROOT, write_report  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 PIPELINES = {"default": "configs/concat.cfg", "accurate": "configs/accurate.cfg"}
@@ -286,12 +286,7 @@ def main(
         typer.echo(f"{name}: {json.dumps({k: v['seconds'] for k, v in entry.items() if isinstance(v, dict)})}")
     results["load_average_end"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - start
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
-    text = markdown(results)
-    if report is not None:
-        report.write_text(text)
-    typer.echo(text)
+    write_report(results, output, report, markdown)
 
 
 def markdown(results: Dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import typer
 
-from ..detection.cli import check_detect_arguments, collect_sources
+from ..detection.cli import checked_sources
 from ..detection.cli import detect_command as detect_local
 
 from .core import PostColumns
@@ -125,17 +125,11 @@ def detect_command(*args: Any, **kwargs: Any) -> Dict[str, Any]:
         return detect_local(*args, **kwargs)
     from .ray_engine import RayOptions, as_uri, run_ray_detect
 
-    try:
-        check_detect_arguments(a["store"], a["detector"], a["engine"], a["min_size"], a["max_size"], a["top_k"],
-                               a["batch_size"], a["limit"], a["actors"])
-        refs, root, why_not = collect_sources(a["source"], a["image_root"])
-    except typer.BadParameter as err:
-        typer.echo(f"detect: {err}", err=True)
-        raise typer.Exit(1)
+    refs, root, why_not = checked_sources(a["source"], a["image_root"], a["store"], a["detector"], a["engine"],
+                                          a["min_size"], a["max_size"], a["top_k"], a["batch_size"], a["limit"],
+                                          a["actors"])
     if refs is None:
-        typer.echo(f"detect: {why_not}; nothing to do. The model will use captions/text only.")
         return {"images": 0, "reason": why_not}
-    refs = refs[: a["limit"]] if a["limit"] is not None else refs
     args_ = {k: a[k] for k in ("detector", "weights", "min_size", "max_size", "top_k", "batch_size", "score_threshold")}
     summary = run_ray_detect(refs, str(root) if root else None, as_uri(a["store"]), args_, a["allow_remote"],
                              RayOptions(address=a["address"], num_gpus=a["num_gpus"], detect_actors=a["actors"],

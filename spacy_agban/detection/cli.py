@@ -77,6 +77,23 @@ def collect_sources(source: Path, image_root: Optional[Path]) -> Tuple[Optional[
     return refs, root, ""
 
 
+def checked_sources(source: Any, image_root: Any, store: Any, detector: str, engine: str, min_size: int,
+                    max_size: int, top_k: int, batch_size: int, limit: Optional[int], actors: int) -> Tuple[Any, Any, str]:
+    """``detect``'s argument checks and the images it will read (at most ``limit``), for
+    both engines: a bad argument ends the command with one line and exit 1; no images
+    (``refs`` None) is said once, with the reason."""
+    try:
+        check_detect_arguments(store, detector, engine, min_size, max_size, top_k, batch_size, limit, actors)
+        refs, root, why_not = collect_sources(source, image_root)
+    except typer.BadParameter as err:
+        typer.echo(f"detect: {err}", err=True)
+        raise typer.Exit(1)
+    if refs is None:
+        typer.echo(f"detect: {why_not}; nothing to do. The model will use captions/text only.")
+        return None, root, why_not
+    return (refs[:limit] if limit is not None else refs), root, why_not
+
+
 def detect_command(
     source: Path = typer.Argument(..., help="A .spacy DocBin whose docs have doc._.image paths, or an image folder"),
     store: Path = typer.Argument(..., help="The feature store (SQLite file) to fill"),
@@ -100,16 +117,10 @@ def detect_command(
     address: Annotated[Optional[str], typer.Option("--address", help="ray: join this cluster (default: a local one)")] = None,
 ) -> Dict[str, Any]:
     """Detect objects once and store their 1024-d features for training and evaluation."""
-    try:
-        check_detect_arguments(store, detector, engine, min_size, max_size, top_k, batch_size, limit, actors)
-        refs, root, why_not = collect_sources(source, image_root)
-    except typer.BadParameter as err:
-        typer.echo(f"detect: {err}", err=True)
-        raise typer.Exit(1)
+    refs, root, why_not = checked_sources(source, image_root, store, detector, engine, min_size, max_size,
+                                          top_k, batch_size, limit, actors)
     if refs is None:
-        typer.echo(f"detect: {why_not}; nothing to do. The model will use captions/text only.")
         return {"images": 0, "reason": why_not}
-    refs = refs[:limit] if limit is not None else refs
     if engine != "local":
         # --engine ray is run by `python -m spacy_agban detect` (spacy_agban.batch.cli), which
         # comes here for local runs: detection/ never imports the batch package.
