@@ -69,6 +69,7 @@ def evaluate(
     output: Optional[Path] = typer.Option(None, help="Write both score sets to this JSON file"),
     batch_size: int = typer.Option(64, help="nlp.pipe batch size"),
     int8: bool = typer.Option(False, "--int8", help="Quantize the transformer to int8 first (CPU inference, see docs/profile.md)"),
+    bf16: bool = typer.Option(False, "--bf16", help="Run the transformer's encoder in bf16 (see docs/profile.md)"),
 ) -> None:
     """Score a pipeline with and without the posts' visual context (two columns).
 
@@ -80,7 +81,10 @@ def evaluate(
 
     from .evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
 
-    problem = evaluate_argument_problem(model, data, output, batch_size)
+    if int8 and bf16:
+        problem: Optional[str] = "--int8 and --bf16 are two alternatives: pick one"
+    else:
+        problem = evaluate_argument_problem(model, data, output, batch_size)
     if problem:
         typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(1)
@@ -89,10 +93,18 @@ def evaluate(
     except (OSError, ValueError) as err:  # not a pipeline, or a damaged one
         typer.echo(f"error: cannot load the pipeline {model}: {one_line(err)}", err=True)
         raise typer.Exit(1)
-    if int8:
-        from .int8 import quantize_int8
+    try:
+        if int8:
+            from .int8 import quantize_int8
 
-        quantize_int8(nlp)
+            quantize_int8(nlp)
+        elif bf16:
+            from .inference_precision import to_bf16
+
+            to_bf16(nlp)
+    except ValueError as err:  # no transformer component to convert
+        typer.echo(f"error: {one_line(err)}", err=True)
+        raise typer.Exit(1)
     scores = evaluate_both(nlp, data, batch_size)
     typer.echo("| visual context | P | R | F1 |\n|---|---|---|---|")
     for key, name in ((WITH_CONTEXT, "as stored"), (WITHOUT_CONTEXT, "removed")):

@@ -5,7 +5,7 @@ transformer's ``nn.Linear`` layers (all but the few :func:`keeps_fp32` keeps): w
 per batch on the fly. The encoder's matrix products are ~90% of a transformer
 pipeline's CPU time (``docs/profile.md``), and they are what this speeds up.
 Predictions change a little: the F1 of both evaluation columns against fp32 is in
-``docs/profile.md`` (measured with ``benchmarks/int8_quality.py``).
+``docs/profile.md`` (measured with ``benchmarks/precision_quality.py``).
 
 Two ways in, both after the weights are loaded (quantized modules cannot load fp32
 weights):
@@ -18,22 +18,21 @@ weights):
   each transformer component quantizes itself right after it loads its weights.
 
 Inference only, on CPU: a quantized component cannot be trained or saved (save the
-fp32 pipeline, quantize at load).
+fp32 pipeline, quantize at load). bf16 (``inference_precision.py``) keeps F1 where int8
+loses some, and is faster than this rule on a CPU with native bf16.
 """
-from typing import Any, Callable, List, Set
+from typing import Callable, Set
 
 import torch
 from spacy.language import Language
 from spacy.util import registry
 
-Transformer = Any  # spacy_transformers.Transformer, imported only where used (heavy)
+from .inference_precision import (
+    Transformer, checked_transformer_components, convert_after_loading, encoder_of, make_inference_only,
+    transformer_components,
+)
 
-
-def transformer_components(nlp: Language) -> List[Transformer]:
-    from spacy_transformers import Transformer as TransformerPipe
-
-    return [pipe for _, pipe in nlp.pipeline if isinstance(pipe, TransformerPipe)]
-
+__all__ = ["keeps_fp32", "quantize_int8", "quantized_linear_names", "transformer_components"]
 
 # Linear layers left in fp32 (BERT-style module names). Chosen on the dev split with the
 # accurate pipeline (docs/profile.md): quantizing every layer cost 1.9 F1 on dev (mean of
@@ -57,36 +56,23 @@ def quantized_linear_names(hf_model: torch.nn.Module) -> Set[str]:
 
 def quantize_component(pipe: Transformer) -> None:
     """Dynamic int8 quantization of the component's ``nn.Linear`` layers, in place."""
-    if getattr(pipe, "is_int8", False):
+    if getattr(pipe, "precision", "fp32") == "int8":
         return
-    shim = pipe.model.layers[0].shims[0]
-    hf_model = shim._model
+    if getattr(pipe, "precision", "fp32") != "fp32":
+        raise ValueError(f"The '{pipe.name}' component already runs {pipe.precision}: quantize the fp32 pipeline.")
+    hf_model = encoder_of(pipe)
     if next(hf_model.parameters()).device.type != "cpu":
         raise ValueError("int8 inference (dynamic quantization) runs on CPU only: load the pipeline on CPU.")
     hf_model.eval()
     names = quantized_linear_names(hf_model)
     torch.ao.quantization.quantize_dynamic(hf_model, names, dtype=torch.qint8, inplace=True)
-    pipe.is_int8 = True  # type: ignore[attr-defined]
-
-    def refuse(*args, **kwargs):
-        raise ValueError(
-            f"The '{pipe.name}' component runs int8 (dynamically quantized) for inference only: "
-            "it cannot be saved or trained. Save or train the fp32 pipeline and quantize it at load."
-        )
-
-    for method in ("to_disk", "to_bytes", "update", "finish_update"):
-        setattr(pipe, method, refuse)
+    pipe.precision = "int8"  # type: ignore[attr-defined]
+    make_inference_only(pipe, "int8")
 
 
 def quantize_int8(nlp: Language) -> Language:
     """Quantize the transformer components of a loaded pipeline (in place); returns ``nlp``."""
-    pipes = transformer_components(nlp)
-    if not pipes:
-        raise ValueError(
-            "int8 inference quantizes a transformer component, and this pipeline has none "
-            f"(components: {', '.join(nlp.pipe_names)})."
-        )
-    for pipe in pipes:
+    for pipe in checked_transformer_components(nlp, "int8"):
         quantize_component(pipe)
     return nlp
 
@@ -97,23 +83,8 @@ def make_int8_inference() -> Callable[[Language], Language]:
     quantized as soon as it has loaded its weights (``from_disk`` / ``from_bytes``)."""
 
     def after_pipeline_creation(nlp: Language) -> Language:
-        pipes = transformer_components(nlp)
-        if not pipes:
-            raise ValueError("spacy_agban.int8_inference.v1: the pipeline has no transformer component.")
-        for pipe in pipes:
-            _quantize_after_loading(pipe)
+        for pipe in checked_transformer_components(nlp, "int8"):
+            convert_after_loading(pipe, quantize_component)
         return nlp
 
     return after_pipeline_creation
-
-
-def _quantize_after_loading(pipe: Transformer) -> None:
-    for method in ("from_disk", "from_bytes"):
-        load = getattr(pipe, method)
-
-        def load_then_quantize(*args, _load=load, **kwargs):
-            loaded = _load(*args, **kwargs)
-            quantize_component(pipe)
-            return loaded
-
-        setattr(pipe, method, load_then_quantize)

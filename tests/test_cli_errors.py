@@ -116,6 +116,7 @@ def test_evaluate_checks_model_data_and_output_first(tmp_path) -> None:
     fails_in_one_line(["evaluate", tmp_path, tmp_path / "dev.spacy", "--output", tmp_path / "missing" / "x.json"],
                       "folder of --output", "does not exist")
     fails_in_one_line(["evaluate", tmp_path, tmp_path / "dev.spacy"], "cannot load the pipeline")
+    fails_in_one_line(["evaluate", tmp_path, tmp_path / "dev.spacy", "--int8", "--bf16"], "pick one")
 
 
 def test_features_import_of_crafted_datasets(tmp_path) -> None:

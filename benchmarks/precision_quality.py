@@ -1,14 +1,15 @@
-"""int8 (dynamic quantization) against fp32 for a trained transformer pipeline: F1 in both
-evaluation columns and speed, side by side in one run, one thread.
+"""Lower-precision inference (bf16, int8) against fp32 for a trained transformer
+pipeline: F1 in both evaluation columns and speed, side by side in one run, one thread.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.int8_quality \
-        training/cased/accurate-s0/model-best corpus/test.spacy
+    OMP_NUM_THREADS=1 python -m benchmarks.precision_quality \
+        training/cased/accurate-s0/model-best corpus/test.spacy --precisions bf16,int8
 
-Loads the pipeline twice (fp32, and fp32 then ``spacy_agban.int8.quantize_int8``),
-scores both on the split with the posts' visual context as stored and removed
-(``spacy_agban.evaluation.evaluate_both``, the two columns of ``python -m spacy_agban
-evaluate``), then times ``nlp.pipe`` on the first ``--speed-docs`` posts, repetitions
-interleaved (fp32, int8, fp32, ...), median reported.
+Loads the pipeline once per precision (fp32, then ``spacy_agban.inference_precision.to_bf16``
+or ``spacy_agban.int8.quantize_int8`` on a fresh copy), scores each on the split with the
+posts' visual context as stored and removed (``spacy_agban.evaluation.evaluate_both``,
+the two columns of ``python -m spacy_agban evaluate``), then times ``nlp.pipe`` on the
+first ``--speed-docs`` posts, repetitions interleaved (fp32, bf16, int8, fp32, ...),
+median reported.
 """
 import json
 import os
@@ -34,10 +35,11 @@ def main(
     data: Path = typer.Argument(ROOT / "corpus" / "test.spacy"),
     speed_docs: int = typer.Option(256), reps: int = typer.Option(3),
     batch_size: int = typer.Option(64),
-    output: Path = typer.Option(ROOT / "metrics" / "int8_quality.json"),
-    report: Optional[Path] = typer.Option(ROOT / "metrics" / "int8_quality.md"),
+    precisions: str = typer.Option("bf16,int8", help="Comma-separated: bf16, int8"),
+    output: Path = typer.Option(ROOT / "metrics" / "precision_quality.json"),
+    report: Optional[Path] = typer.Option(ROOT / "metrics" / "precision_quality.md"),
 ) -> None:
-    """F1 (both columns) and docs/s of int8 against fp32."""
+    """F1 (both columns) and docs/s of bf16 / int8 against fp32."""
     import spacy
     import torch
 
@@ -45,11 +47,17 @@ def main(
     import spacy_agban.transformer  # noqa: F401
     from spacy_agban.docs_io import read_fresh_docs
     from spacy_agban.evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
+    from spacy_agban.inference_precision import to_bf16
     from spacy_agban.int8 import quantize_int8
 
+    converters = {"bf16": to_bf16, "int8": quantize_int8}
+    chosen = [p.strip() for p in precisions.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in converters]
+    if unknown or not chosen:
+        raise typer.BadParameter(f"--precisions takes bf16 and/or int8, got {precisions!r}")
     torch.set_num_threads(1)
     started = time.perf_counter()
-    nlps = {"fp32": spacy.load(model), "int8": quantize_int8(spacy.load(model))}
+    nlps = {"fp32": spacy.load(model), **{p: converters[p](spacy.load(model)) for p in chosen}}
     result: Dict[str, Any] = {"machine": machine(), "model": relative(model), "data": relative(data),
                               "torch_threads": torch.get_num_threads(), "scores": {}, "speed": {}}
     for name, nlp in nlps.items():
@@ -79,7 +87,7 @@ def main(
 def markdown(result: Dict[str, Any]) -> str:
     s, v = result["scores"], result["speed"]
     lines = [
-        f"# int8 against fp32: {result['model']} on {result['data']}",
+        f"# Lower precision against fp32: {result['model']} on {result['data']}",
         "",
         f"Measured on: {machine_line(result['machine'])}; torch threads {result['torch_threads']}; "
         f"load average {result['load_average'][0]:.1f} (a loaded machine: read the ratio).",
@@ -87,13 +95,17 @@ def markdown(result: Dict[str, Any]) -> str:
         "| weights | F1 caption as stored | F1 caption removed | docs/s (batch 64) |",
         "|---|---|---|---|",
     ]
-    for name in ("fp32", "int8"):
+    for name in s:
         lines.append(f"| {name} | {100 * s[name]['with_context']['ents_f']:.2f} | "
                      f"{100 * s[name]['without_context']['ents_f']:.2f} | {v[name]['docs_per_s']:.1f} |")
-    d_with = 100 * (s["int8"]["with_context"]["ents_f"] - s["fp32"]["with_context"]["ents_f"])
-    d_without = 100 * (s["int8"]["without_context"]["ents_f"] - s["fp32"]["without_context"]["ents_f"])
-    lines += ["", f"int8 - fp32 F1: {d_with:+.2f} (caption as stored), {d_without:+.2f} (removed); "
-              f"speed-up {v['int8']['docs_per_s'] / v['fp32']['docs_per_s']:.2f}x.", ""]
+    lines.append("")
+    for name in s:
+        if name == "fp32":
+            continue
+        d_with = 100 * (s[name]["with_context"]["ents_f"] - s["fp32"]["with_context"]["ents_f"])
+        d_without = 100 * (s[name]["without_context"]["ents_f"] - s["fp32"]["without_context"]["ents_f"])
+        lines.append(f"- {name} - fp32 F1: {d_with:+.2f} (caption as stored), {d_without:+.2f} (removed); "
+                     f"speed-up {v[name]['docs_per_s'] / v['fp32']['docs_per_s']:.2f}x.")
     return "\n".join(lines) + "\n"
 
 

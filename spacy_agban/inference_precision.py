@@ -1,0 +1,137 @@
+"""Lower-precision inference for the transformer pipelines: what bf16 and int8 share,
+and bf16 itself (int8 is in ``int8.py``).
+
+The encoder's matrix products are ~90% of a transformer pipeline's CPU time
+(``docs/profile.md``). bf16 runs the whole Hugging Face encoder in bfloat16 (weights
+and activations; its output is handed back in fp32, so everything after the encoder
+is unchanged): on a CPU with native bf16 matrix products (AVX512-BF16 or AMX) they
+run at about twice the fp32 rate, and a bf16 model has as many mantissa bits as it
+needs for tagging (dev and test F1 in ``docs/profile.md``). Without native bf16 the
+products are emulated and slower than fp32: a warning says so.
+
+Both paths are inference only: a converted component refuses to be trained or saved
+(save the fp32 pipeline, convert at load). Two ways in, after the weights are loaded:
+
+- at load: ``nlp = to_bf16(spacy.load(path))``, or ``python -m spacy_agban evaluate
+  MODEL DATA --bf16``;
+- in the config: ``[nlp.after_pipeline_creation] @callbacks =
+  "spacy_agban.bf16_inference.v1"`` (or ``spacy.load(path, config={"nlp":
+  {"after_pipeline_creation": {"@callbacks": "spacy_agban.bf16_inference.v1"}}})``).
+"""
+import warnings
+from typing import Any, Callable, List, Optional
+
+import torch
+from spacy.language import Language
+from spacy.util import registry
+
+Transformer = Any  # spacy_transformers.Transformer, imported only where used (heavy)
+
+
+def transformer_components(nlp: Language) -> List[Transformer]:
+    from spacy_transformers import Transformer as TransformerPipe
+
+    return [pipe for _, pipe in nlp.pipeline if isinstance(pipe, TransformerPipe)]
+
+
+def checked_transformer_components(nlp: Language, precision: str) -> List[Transformer]:
+    pipes = transformer_components(nlp)
+    if not pipes:
+        raise ValueError(
+            f"{precision} inference converts a transformer component, and this pipeline has none "
+            f"(components: {', '.join(nlp.pipe_names)})."
+        )
+    return pipes
+
+
+def encoder_of(pipe: Transformer) -> torch.nn.Module:
+    """The Hugging Face model inside a spacy-transformers component."""
+    return pipe.model.layers[0].shims[0]._model
+
+
+def make_inference_only(pipe: Transformer, precision: str) -> None:
+    """A converted component cannot be trained or saved: its weights are no longer the
+    fp32 ones its config and optimizer expect."""
+
+    def refuse(*args, **kwargs):
+        raise ValueError(
+            f"The '{pipe.name}' component runs {precision} for inference only: it cannot be saved "
+            f"or trained. Save or train the fp32 pipeline and convert it to {precision} at load."
+        )
+
+    for method in ("to_disk", "to_bytes", "update", "finish_update"):
+        setattr(pipe, method, refuse)
+
+
+def convert_after_loading(pipe: Transformer, convert: Callable[[Transformer], None]) -> None:
+    """Run ``convert`` on the component each time it has loaded its weights: a converted
+    model cannot load fp32 weights, and ``after_pipeline_creation`` runs before loading."""
+    for method in ("from_disk", "from_bytes"):
+        load = getattr(pipe, method)
+
+        def load_then_convert(*args, _load=load, **kwargs):
+            loaded = _load(*args, **kwargs)
+            convert(pipe)
+            return loaded
+
+        setattr(pipe, method, load_then_convert)
+
+
+def native_bf16() -> Optional[bool]:
+    """Whether this CPU multiplies bf16 matrices natively (None: cannot tell)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _outputs_to_fp32(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+    """Forward hook: the encoder's floating outputs back in fp32, so that the alignment,
+    pooling and the tagger after it run as they do for an fp32 encoder."""
+    for key in list(output.keys()):
+        value = output[key]
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            output[key] = value.float()
+        elif isinstance(value, tuple):  # per-layer hidden states or attentions
+            output[key] = tuple(t.float() if t.is_floating_point() else t for t in value)
+    return output
+
+
+def bf16_component(pipe: Transformer) -> None:
+    """The component's encoder in bfloat16, in place (outputs handed back in fp32)."""
+    if getattr(pipe, "precision", "fp32") == "bf16":
+        return
+    if getattr(pipe, "precision", "fp32") != "fp32":
+        raise ValueError(f"The '{pipe.name}' component already runs {pipe.precision}: convert the fp32 pipeline.")
+    encoder = encoder_of(pipe)
+    if next(encoder.parameters()).device.type == "cpu" and native_bf16() is False:
+        warnings.warn(
+            "This CPU has no native bf16 matrix products (AVX512-BF16 or AMX): bf16 inference "
+            "is emulated here and slower than fp32.",
+            stacklevel=3,
+        )
+    encoder.eval()
+    encoder.to(torch.bfloat16)
+    encoder.register_forward_hook(_outputs_to_fp32)
+    pipe.precision = "bf16"  # type: ignore[attr-defined]
+    make_inference_only(pipe, "bf16")
+
+
+def to_bf16(nlp: Language) -> Language:
+    """The transformer components of a loaded pipeline in bf16 (in place); returns ``nlp``."""
+    for pipe in checked_transformer_components(nlp, "bf16"):
+        bf16_component(pipe)
+    return nlp
+
+
+@registry.callbacks("spacy_agban.bf16_inference.v1")
+def make_bf16_inference() -> Callable[[Language], Language]:
+    """``[nlp.after_pipeline_creation]`` callback: each transformer component converts
+    its encoder to bf16 as soon as it has loaded its weights."""
+
+    def after_pipeline_creation(nlp: Language) -> Language:
+        for pipe in checked_transformer_components(nlp, "bf16"):
+            convert_after_loading(pipe, bf16_component)
+        return nlp
+
+    return after_pipeline_creation
