@@ -13,7 +13,10 @@ machine slows all alike. Per pipeline: ``nlp(doc)`` one post at a time and
 ``nlp.pipe`` in batches of ``--batch-size``; for transformer pipelines, the Hugging
 Face model's forward alone on the exact inputs it was given in that pass (recorded by
 a hook: same batches, same padding) under ``torch.inference_mode``. The entities of
-every doc are compared between the two trees (they must be the same). Every pass
+every doc are compared between the two trees (they must be the same). ``--precisions
+bf16,int8`` adds this tree's transformer pipelines converted to those precisions
+(``spacy_agban.inference_precision``), timed in the same rounds; their entities are
+compared with this tree's fp32 ones (they may differ a little). Every pass
 starts with empty per-form caches (the char BiLSTM's): the posts are the same in
 every repetition, and a warm cache would time a stream of posts already seen.
 """
@@ -40,7 +43,8 @@ CONFIGS = {"default": "configs/concat.cfg", "accurate": "configs/accurate.cfg",
 # ----- worker ---------------------------------------------------------------------------
 @worker_app.command()
 def worker(config: str = typer.Option(...), root: Path = typer.Option(...),
-           docs: int = typer.Option(256), batch_size: int = typer.Option(64)) -> None:
+           docs: int = typer.Option(256), batch_size: int = typer.Option(64),
+           precision: str = typer.Option("fp32", help="fp32, or bf16 / int8 for a transformer pipeline")) -> None:
     """Build one pipeline, then answer ``batch1`` / ``pipe`` / ``raw`` / ``ents`` / ``quit``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -60,6 +64,11 @@ def worker(config: str = typer.Option(...), root: Path = typer.Option(...),
     }, interpolate=False)
     util.fix_random_seed(0)
     nlp = init_nlp(cfg, use_gpu=-1)
+    if precision != "fp32":  # only this tree has these
+        from spacy_agban.inference_precision import to_bf16
+        from spacy_agban.int8 import quantize_int8
+
+        {"bf16": to_bf16, "int8": quantize_int8}[precision](nlp)
     test = read_fresh_docs(nlp, root / "corpus" / "test.spacy", docs)
     recorded: List[Dict[str, Any]] = []
     hf_model = None
@@ -132,13 +141,14 @@ def worker(config: str = typer.Option(...), root: Path = typer.Option(...),
 
 # ----- parent ---------------------------------------------------------------------------
 class Worker:
-    def __init__(self, name: str, config: str, cwd: Path, docs: int, batch_size: int):
+    def __init__(self, name: str, config: str, cwd: Path, docs: int, batch_size: int, precision: str = "fp32"):
         self.name = name
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         env["PYTHONPATH"] = str(cwd)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.cost_compare", "worker", "--config", config,
-             "--root", str(ROOT), "--docs", str(docs), "--batch-size", str(batch_size)],
+             "--root", str(ROOT), "--docs", str(docs), "--batch-size", str(batch_size),
+             "--precision", precision],
             cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         self.info = self._read()
@@ -181,6 +191,7 @@ def main(
     spacy_ner: bool = typer.Option(True, help="Also time spaCy's ner (configs/spacy_ner.cfg)"),
     docs: int = typer.Option(256), reps: int = typer.Option(5),
     batch_size: int = typer.Option(64),
+    precisions: str = typer.Option("", help="Also this tree's transformer pipelines in these precisions: bf16, int8"),
     output: Path = typer.Option(ROOT / "metrics" / "cost_compare.json"),
     report: Optional[Path] = typer.Option(ROOT / "metrics" / "cost_compare.md"),
 ) -> None:
@@ -194,6 +205,11 @@ def main(
         for name in pipelines.split(","):
             workers[f"{name}@baseline"] = Worker(f"{name}@baseline", CONFIGS[name], old, docs, batch_size)
             workers[f"{name}@new"] = Worker(f"{name}@new", CONFIGS[name], ROOT, docs, batch_size)
+            for precision in filter(None, precisions.split(",")):
+                if name != "accurate":
+                    continue  # only the transformer pipeline has an encoder to convert
+                workers[f"{name}@new-{precision}"] = Worker(
+                    f"{name}@new-{precision}", CONFIGS[name], ROOT, docs, batch_size, precision)
         if spacy_ner:
             workers["spacy_ner"] = Worker("spacy_ner", CONFIGS["spacy_ner"], ROOT, docs, batch_size)
         runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {n: {"batch1": [], "pipe": []} for n in workers}
@@ -226,9 +242,17 @@ def main(
     result["same_entities"] = {
         name: ents[f"{name}@baseline"] == ents[f"{name}@new"] for name in pipelines.split(",")
     }
+    result["docs_with_fp32_entities"] = {  # lower precision against this tree's fp32
+        name: share_same(ents[name]["pipe"], ents[name.split("-")[0]]["pipe"])
+        for name in workers if "@new-" in name
+    }
     from .paths import write_report
 
     write_report(result, output, report, markdown)
+
+
+def share_same(docs: List[Any], reference: List[Any]) -> float:
+    return sum(a == b for a, b in zip(docs, reference)) / max(1, len(reference))
 
 
 def markdown(result: Dict[str, Any]) -> str:
@@ -270,6 +294,15 @@ def markdown(result: Dict[str, Any]) -> str:
             lines.append(line)
         lines.append(f"- {name}: same entities as the baseline on every doc: "
                      f"{result['same_entities'][name]}")
+        for low in (n for n in p if n.startswith(f"{name}@new-")):
+            precision = low.split("-", 1)[1]
+            for mode in ("batch1", "pipe"):
+                lines.append(f"- {name} {precision} {mode}: / baseline = "
+                             f"{old[mode]['seconds'] / p[low][mode]['seconds']:.2f}x, / new fp32 = "
+                             f"{new[mode]['seconds'] / p[low][mode]['seconds']:.2f}x")
+            share = result.get("docs_with_fp32_entities", {}).get(low)
+            if share is not None:
+                lines.append(f"- {name} {precision}: docs with the same entities as fp32: {100 * share:.1f}%")
     if "spacy_ner" in p and "default@new" in p:
         ner = p["spacy_ner"]
         for tree in ("new", "baseline"):
