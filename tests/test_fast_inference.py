@@ -135,6 +135,23 @@ def test_numpy_bilstm_gives_the_torch_bilstms_states():
                                    torch.cat([final[0], final[1]], dim=-1), rtol=1e-5, atol=1e-6)
 
 
+def test_bio_spans_read_tags_as_spacy_does():
+    import spacy
+    from spacy.training import biluo_tags_to_spans, iob_to_biluo
+
+    from spacy_agban.pipeline import bio_spans, bio_tags
+
+    nlp = spacy.blank("en")
+    tags = bio_tags(["LOC", "MISC", "ORG", "PER"])
+    rng = random.Random(0)
+    for length in list(range(1, 8)) * 40:  # orphan I- tags, I- of another type, B- after B-
+        doc = nlp.make_doc(" ".join(["w"] * length))
+        sequence = [rng.choice(tags[:3] + tags) for _ in range(length)]
+        expected = biluo_tags_to_spans(doc, iob_to_biluo(sequence))
+        assert [(s.start, s.end, s.label_) for s in bio_spans(doc, sequence)] == \
+            [(s.start, s.end, s.label_) for s in expected]
+
+
 def test_numpy_viterbi_gives_the_torch_viterbis_tags():
     rng = numpy.random.default_rng(0)
     for batch, length, k in ((1, 1, 3), (1, 17, 9), (6, 12, 9), (5, 30, 5)):

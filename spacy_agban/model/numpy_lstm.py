@@ -29,59 +29,53 @@ class NumpyBiLSTM:
         scale = numpy.full((4 * hidden, 1), 0.5, dtype=numpy.float32)
         scale[:hidden] = 1
 
-        def weights(name: str) -> numpy.ndarray:  # (2, 4H, ...): forward, backward
+        def weights(name: str) -> numpy.ndarray:  # (2, ..., 4H): forward, backward
             both = [getattr(lstm, f"{name}_l0{suffix}").detach().cpu().numpy() for suffix in ("", "_reverse")]
-            return numpy.stack([w.reshape(4 * hidden, -1)[order] * scale for w in both])
+            return numpy.stack([(w.reshape(4 * hidden, -1)[order] * scale).T for w in both])
 
-        self.w_hh = numpy.ascontiguousarray(weights("weight_hh"))  # (2, 4H, H)
-        w_ih = weights("weight_ih")  # (2, 4H, I)
-        bias = weights("bias_ih") + weights("bias_hh")  # (2, 4H, 1)
-        if embed is None:
-            self.w_ih, self.bias, self.table = w_ih, bias, None
-        else:  # input projection of every char id: (2, n_chars, 4H)
-            table = numpy.matmul(embed.weight.detach().cpu().numpy(), w_ih.transpose(0, 2, 1))
-            self.table = numpy.ascontiguousarray(table + bias.transpose(0, 2, 1))
+        self.w_hh = numpy.ascontiguousarray(weights("weight_hh"))  # (2, H, 4H)
+        w_ih = weights("weight_ih")  # (2, I, 4H)
+        bias = weights("bias_ih") + weights("bias_hh")  # (2, 1, 4H)
+        if embed is None:  # (I, 8H) and (8H,): both directions' input projection at once
+            self.w_ih = numpy.ascontiguousarray(numpy.concatenate([w_ih[0], w_ih[1]], axis=1))
+            self.bias, self.table = bias.reshape(-1), None
+        else:  # every char id's input projection: forward rows, then backward rows
+            table = numpy.matmul(embed.weight.detach().cpu().numpy(), w_ih) + bias
+            self.table = numpy.ascontiguousarray(table.reshape(-1, 4 * hidden))
 
     def outputs(self, inputs: numpy.ndarray) -> numpy.ndarray:
         """(T, I) one sequence -> (T, 2H) outputs, as ``lstm(inputs[None])[0][0]``."""
-        steps = inputs.shape[0]
-        projected = numpy.matmul(self.w_ih, inputs.T) + self.bias  # (2, 4H, T)
-        gates_in = numpy.empty((steps, 2, 4 * self.hidden, 1), dtype=numpy.float32)
-        gates_in[:, 0, :, 0] = projected[0].T
-        gates_in[:, 1, :, 0] = projected[1].T[::-1]
-        states = self._run(gates_in)[:, :, :, 0]  # (T, 2, H)
-        return numpy.concatenate([states[:, 0], states[::-1, 1]], axis=1)
+        projected = (inputs @ self.w_ih + self.bias).reshape(len(inputs), 2, 1, 4 * self.hidden)
+        states = self._run(numpy.stack([projected[:, 0], projected[::-1, 1]], axis=1))  # (T, 2, 1, H)
+        return numpy.concatenate([states[:, 0, 0], states[::-1, 1, 0]], axis=1)
 
     def final_states(self, ids: numpy.ndarray, lengths: numpy.ndarray) -> numpy.ndarray:
         """(N, L) right-padded ids of N sequences with lengths >= 1 -> (N, 2H) final
         states, forward then backward, as ``torch.cat([h_n[0], h_n[1]], -1)`` of the
         packed sequences."""
         assert self.table is not None
-        rows = len(lengths)
-        longest = int(lengths.max())
-        backward = numpy.maximum(lengths[:, None] - 1 - numpy.arange(longest), 0)
-        reversed_ids = ids[numpy.arange(rows)[:, None], backward]
-        gates_in = numpy.empty((longest, 2, 4 * self.hidden, rows), dtype=numpy.float32)
-        gates_in[:, 0] = self.table[0][ids[:, :longest].T].transpose(0, 2, 1)
-        gates_in[:, 1] = self.table[1][reversed_ids.T].transpose(0, 2, 1)
-        states = self._run(gates_in)  # (L, 2, H, N); past its length a row is ignored
-        last = states[lengths - 1, :, :, numpy.arange(rows)]  # (N, 2, H)
-        return last.reshape(rows, 2 * self.hidden)
+        rows = numpy.arange(len(lengths))
+        steps = numpy.arange(int(lengths.max()))
+        backward = ids[rows[:, None], numpy.maximum(lengths[:, None] - 1 - steps, 0)]
+        # (L, 2, N): step, direction, row; backward ids index the table's second half
+        table_rows = numpy.stack([ids[:, :len(steps)].T, backward.T + len(self.table) // 2], axis=1)
+        states = self._run(self.table[table_rows])  # (L, 2, N, H); past its length a row is ignored
+        return states[lengths - 1, :, rows].reshape(len(rows), 2 * self.hidden)
 
     def _run(self, gates_in: numpy.ndarray) -> numpy.ndarray:
-        """(L, 2, 4H, N) input gates (backward rows already reversed) -> (L, 2, H, N)
+        """(L, 2, N, 4H) input gates (backward rows already reversed) -> (L, 2, N, H)
         hidden states."""
-        steps, _, _, rows = gates_in.shape
+        steps, _, rows, _ = gates_in.shape
         hidden = self.hidden
-        out = numpy.empty((steps, 2, hidden, rows), dtype=numpy.float32)
-        h = numpy.zeros((2, hidden, rows), dtype=numpy.float32)
-        c = numpy.zeros((2, hidden, rows), dtype=numpy.float32)
-        gates = numpy.empty((2, 4 * hidden, rows), dtype=numpy.float32)
-        scratch = numpy.empty((2, hidden, rows), dtype=numpy.float32)
-        cell_in, sigmoids = gates[:, :hidden], gates[:, hidden:]
-        in_gate, forget, out_gate = (gates[:, k * hidden:(k + 1) * hidden] for k in range(1, 4))
+        out = numpy.empty((steps, 2, rows, hidden), dtype=numpy.float32)
+        h = numpy.zeros((2, rows, hidden), dtype=numpy.float32)
+        c = numpy.zeros((2, rows, hidden), dtype=numpy.float32)
+        gates = numpy.empty((2, rows, 4 * hidden), dtype=numpy.float32)
+        scratch = numpy.empty((2, rows, hidden), dtype=numpy.float32)
+        cell_in, sigmoids = gates[..., :hidden], gates[..., hidden:]
+        in_gate, forget, out_gate = (gates[..., k * hidden:(k + 1) * hidden] for k in range(1, 4))
         for step in range(steps):
-            numpy.matmul(self.w_hh, h, out=gates)
+            numpy.matmul(h, self.w_hh, out=gates)
             gates += gates_in[step]
             numpy.tanh(gates, out=gates)
             sigmoids *= 0.5

@@ -1,6 +1,7 @@
 """Text and visual projectors: both modalities into one d-dim space (G_T, G_V)."""
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
+import numpy
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -72,20 +73,25 @@ class CharBiLSTM(nn.Module):
             if key not in cache and key not in missing:
                 missing[key] = row
         if missing:
-            rows = list(missing.values())
-            if len(rows) <= self.numpy_max_rows and numpy_ready(self.embed.weight):
-                if self._numpy is None:
-                    self._numpy = NumpyBiLSTM(self.lstm, self.embed)
-                vectors = torch.from_numpy(self._numpy.final_states(
-                    char_ids.numpy()[rows], char_lengths.numpy()[rows]))
-            else:
-                index = torch.tensor(rows, dtype=torch.long, device=char_ids.device)
-                vectors = self.encode(char_ids[index], char_lengths[index])
-            for key, vector in zip(missing, vectors):
-                cache[key] = vector
+            cache.update(zip(missing, self._encode_new(char_ids, char_lengths, list(missing.values()))))
         if not key_list:
             return self.encode(char_ids, char_lengths)
-        return torch.stack([cache[key] for key in key_list])
+        vectors = [cache[key] for key in key_list]
+        if isinstance(vectors[0], numpy.ndarray):
+            return torch.from_numpy(numpy.stack(vectors))
+        return torch.stack(vectors)
+
+    def _encode_new(self, char_ids: torch.Tensor, char_lengths: torch.Tensor, rows: List[int]):
+        """The vectors of ``rows``, to cache: numpy rows on CPU (float32), else tensors."""
+        if not numpy_ready(self.embed.weight):
+            index = torch.tensor(rows, dtype=torch.long, device=char_ids.device)
+            return self.encode(char_ids[index], char_lengths[index])
+        ids, lengths = char_ids.numpy()[rows], char_lengths.numpy()[rows]
+        if len(rows) > self.numpy_max_rows:
+            return self.encode(torch.from_numpy(ids), torch.from_numpy(lengths)).numpy()
+        if self._numpy is None:
+            self._numpy = NumpyBiLSTM(self.lstm, self.embed)
+        return self._numpy.final_states(ids, lengths)
 
 
 class TextProjector(nn.Module):
@@ -145,6 +151,11 @@ class TextProjector(nn.Module):
         token_keys: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         one_doc = token_mask.shape[0] == 1 and bool(token_mask.all())  # no padding
+        if (one_doc and not self.training and torch.is_inference_mode_enabled()
+                and numpy_ready(static_vectors) and numpy_ready(self.lstm.weight_ih_l0)):
+            return self._one_doc_numpy(word_ids[0], static_vectors[0], char_ids[0], char_lengths[0],
+                                       None if external is None else external[0],
+                                       None if token_keys is None else token_keys[0])
         parts = []
         if self.word_embed is not None:
             words = self.word_embed(word_ids)
@@ -165,14 +176,36 @@ class TextProjector(nn.Module):
             parts.append(external)
         inputs = self.dropout(torch.cat(parts, dim=-1))
         if one_doc:  # packing only costs time
-            if not self.training and torch.is_inference_mode_enabled() and numpy_ready(inputs):
-                return torch.from_numpy(self._numpy_lstm().outputs(inputs[0].numpy()))[None]
             return self.lstm(inputs)[0]
         lengths = token_mask.sum(dim=1).clamp(min=1).cpu()
         packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
         output, _ = self.lstm(packed)
         output, _ = pad_packed_sequence(output, batch_first=True, total_length=inputs.shape[1])
         return output
+
+    def _one_doc_numpy(
+        self,
+        word_ids: torch.Tensor,
+        static_vectors: torch.Tensor,
+        char_ids: torch.Tensor,
+        char_lengths: torch.Tensor,
+        external: Optional[torch.Tensor],
+        token_keys: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """``forward`` of one doc at inference on CPU: the same inputs put together in
+        numpy, the word BiLSTM's numpy copy (no dropout at inference)."""
+        parts = []
+        if self.word_embed is not None:
+            words = self.word_embed.weight.detach().numpy()[word_ids.numpy()]
+            if self.static_width:
+                words += static_vectors.numpy()
+            parts.append(words)
+        if self.chars is not None:
+            parts.append(self.chars(char_ids, char_lengths, token_keys).numpy())
+        if external is not None:
+            parts.append(external.numpy())
+        inputs = numpy.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        return torch.from_numpy(self._numpy_lstm().outputs(inputs))[None]
 
     def clear_cache(self) -> None:
         self._numpy = None
