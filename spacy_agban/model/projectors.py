@@ -1,5 +1,5 @@
 """Text and visual projectors: both modalities into one d-dim space (G_T, G_V)."""
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy
 import torch
@@ -34,7 +34,7 @@ class CharBiLSTM(nn.Module):
         self.embed = nn.Embedding(n_chars, char_dim, padding_idx=0)
         self.lstm = nn.LSTM(char_dim, hidden, batch_first=True, bidirectional=True)
         self.width = 2 * hidden
-        self._cache: Dict[int, torch.Tensor] = {}
+        self._cache: Dict[int, Union[numpy.ndarray, torch.Tensor]] = {}  # numpy rows on CPU
         self._fingerprint: Optional[tuple] = None
         self._numpy: Optional[NumpyBiLSTM] = None
 
@@ -81,7 +81,9 @@ class CharBiLSTM(nn.Module):
             return torch.from_numpy(numpy.stack(vectors))
         return torch.stack(vectors)
 
-    def _encode_new(self, char_ids: torch.Tensor, char_lengths: torch.Tensor, rows: List[int]):
+    def _encode_new(
+        self, char_ids: torch.Tensor, char_lengths: torch.Tensor, rows: List[int]
+    ) -> Union[numpy.ndarray, torch.Tensor]:
         """The vectors of ``rows``, to cache: numpy rows on CPU (float32), else tensors."""
         if not numpy_ready(self.embed.weight):
             index = torch.tensor(rows, dtype=torch.long, device=char_ids.device)
