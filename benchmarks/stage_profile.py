@@ -145,6 +145,10 @@ def instrument(nlp, timer: StageTimer, recorder: Optional[EncoderRecorder]) -> N
     if module.text.chars is not None:
         hook_module(timer, module.text.chars, "agban torch: char BiLSTM")
     hook_module(timer, module.text.lstm, "agban torch: word BiLSTM")
+    # one doc at inference: the word BiLSTM's numpy copy instead of the torch layer
+    from spacy_agban.model.numpy_lstm import NumpyBiLSTM
+
+    patch(timer, NumpyBiLSTM, "outputs", "agban torch: word BiLSTM")
     if module.visual is not None:
         hook_module(timer, module.visual, "agban torch: visual projector")
     if module.fusion is not None:

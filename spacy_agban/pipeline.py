@@ -10,8 +10,8 @@ from spacy import util
 from spacy.language import Language
 from spacy.pipeline import TrainablePipe
 from spacy.scorer import get_ner_prf
-from spacy.tokens import Doc
-from spacy.training import Example, iob_to_biluo, biluo_tags_to_spans, validate_get_examples
+from spacy.tokens import Doc, Span
+from spacy.training import Example, validate_get_examples
 from spacy.vocab import Vocab
 from thinc.api import Config, Model, Optimizer, set_dropout_rate
 
@@ -97,6 +97,23 @@ def make_agban(
 
 def bio_tags(labels: Sequence[str]) -> List[str]:
     return [OUTSIDE] + [f"{prefix}-{label}" for label in labels for prefix in ("B", "I")]
+
+
+def bio_spans(doc: Doc, tags: Sequence[str]) -> List[Span]:
+    """The entities of O / B- / I- tags, as spaCy's ``biluo_tags_to_spans(doc,
+    iob_to_biluo(tags))`` reads them, in one pass: an entity starts at any tag but O
+    (an I- without its B- too) and runs over the I- tags of its type that follow."""
+    spans = []
+    start, n = 0, len(tags)
+    while start < n:
+        tag, end = tags[start], start + 1
+        if tag != OUTSIDE:
+            inside = "I" + tag[1:]
+            while end < n and tags[end] == inside:
+                end += 1
+            spans.append(Span(doc, start, end, label=tag[2:]))
+        start = end
+    return spans
 
 
 class AGBANRecognizer(TrainablePipe):
@@ -313,7 +330,7 @@ class AGBANRecognizer(TrainablePipe):
 
     def set_annotations(self, docs: Iterable[Doc], predictions: List[Dict[str, Any]]) -> None:
         for doc, pred in zip(docs, predictions):
-            doc.ents = biluo_tags_to_spans(doc, iob_to_biluo(pred["tags"])) if pred["tags"] else []
+            doc.ents = bio_spans(doc, pred["tags"])
             if "attention" in pred:
                 doc._.agban_attention = {
                     "units": doc._.visual_units,

@@ -1,8 +1,8 @@
 """Prediction shortcuts change no prediction: fast path against the reference path.
 
 ``reference_inference()`` runs the code paths the shortcuts replaced (whole padded batch
-through the encoder under ``no_grad``, the torch Viterbi, no per-form cache, packed
-BiLSTM for one doc); the same pipeline must give the same entities both ways, one post
+through the encoder under ``no_grad``, the torch Viterbi, no per-form cache, torch's
+BiLSTMs, not their numpy copies); the same pipeline must give the same entities both ways, one post
 at a time and in batches, with warm caches and after its weights change.
 """
 import random
@@ -11,9 +11,11 @@ from typing import List, Optional, Tuple
 import numpy
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from spacy_agban.fast_inference import encode_by_length, length_batches, reference_inference
 from spacy_agban.model.crf import viterbi_decode, viterbi_decode_numpy
+from spacy_agban.model.numpy_lstm import NumpyBiLSTM
 
 from conftest import CAPTION_POSTS, ents, make_doc, make_examples, make_nlp, train
 
@@ -74,9 +76,13 @@ def test_char_cache_forgets_vectors_when_the_weights_change():
         nlp.update(examples, sgd=optimizer)
     reference, fast = tag_both_ways(nlp, posts, 1)
     assert fast == reference
-    chars = nlp.get_pipe("agban").model.get_ref("torch").shims[0]._model.text.chars
+    text = nlp.get_pipe("agban").model.get_ref("torch").shims[0]._model.text
     with torch.inference_mode():  # a direct weight edit is seen too
-        chars.lstm.weight_hh_l0.mul_(0.5)
+        text.chars.lstm.weight_hh_l0.mul_(0.5)
+    reference, fast = tag_both_ways(nlp, posts, 1)
+    assert fast == reference
+    with torch.inference_mode():  # and one of the word BiLSTM (its numpy copy is made again)
+        text.lstm.weight_ih_l0_reverse.mul_(-1.0)
     reference, fast = tag_both_ways(nlp, posts, 1)
     assert fast == reference
 
@@ -107,6 +113,43 @@ def test_char_cache_gives_the_vectors_of_the_batched_bilstm():
         chars.lstm.weight_hh_l0.data = chars.lstm.weight_hh_l0.data * 2
     with torch.inference_mode():
         torch.testing.assert_close(chars(ids, lengths, keys), chars.encode(ids, lengths), rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_bilstm_gives_the_torch_bilstms_states():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(12, 7, batch_first=True, bidirectional=True).eval()
+    embed = torch.nn.Embedding(50, 12, padding_idx=0)
+    words, chars = NumpyBiLSTM(lstm), NumpyBiLSTM(lstm, embed)
+    with torch.inference_mode():
+        for steps in (1, 2, 23):
+            inputs = 3 * torch.randn(1, steps, 12)
+            torch.testing.assert_close(torch.from_numpy(words.outputs(inputs[0].numpy())), lstm(inputs)[0][0],
+                                       rtol=1e-5, atol=1e-6)
+        lengths = torch.tensor([1, 9, 4, 9, 2])
+        ids = torch.zeros((5, 11), dtype=torch.long)  # padded past the longest, as the featurizer does
+        for row, length in enumerate(lengths.tolist()):
+            ids[row, :length] = torch.randint(1, 50, (length,))
+        packed = pack_padded_sequence(embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        final = lstm(packed)[1][0]
+        torch.testing.assert_close(torch.from_numpy(chars.final_states(ids.numpy(), lengths.numpy())),
+                                   torch.cat([final[0], final[1]], dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_bio_spans_read_tags_as_spacy_does():
+    import spacy
+    from spacy.training import biluo_tags_to_spans, iob_to_biluo
+
+    from spacy_agban.pipeline import bio_spans, bio_tags
+
+    nlp = spacy.blank("en")
+    tags = bio_tags(["LOC", "MISC", "ORG", "PER"])
+    rng = random.Random(0)
+    for length in list(range(1, 8)) * 40:  # orphan I- tags, I- of another type, B- after B-
+        doc = nlp.make_doc(" ".join(["w"] * length))
+        sequence = [rng.choice(tags[:3] + tags) for _ in range(length)]
+        expected = biluo_tags_to_spans(doc, iob_to_biluo(sequence))
+        assert [(s.start, s.end, s.label_) for s in bio_spans(doc, sequence)] == \
+            [(s.start, s.end, s.label_) for s in expected]
 
 
 def test_numpy_viterbi_gives_the_torch_viterbis_tags():

@@ -148,15 +148,23 @@ def viterbi_decode_numpy(
         emissions[..., OUTSIDE_TAG + 1:][outside_only.astype(bool)] = floor
     batch, length, _ = emissions.shape
     mask = mask.astype(bool)
+    one_doc = batch == 1 and bool(mask.all())  # no padding: no masking, Python backtracking
     score = start + emissions[:, 0]
     history = []
     for t in range(1, length):
-        candidates = score[:, :, None] + transitions + emissions[:, t][:, None, :]
+        candidates = score[:, :, None] + transitions
+        candidates += emissions[:, t][:, None, :]
         history.append(candidates.argmax(axis=1))
         step = candidates.max(axis=1)
-        score = numpy.where(mask[:, t][:, None], step, score) if batch > 1 else step
-    last = mask.sum(axis=1) - 1
+        score = step if one_doc else numpy.where(mask[:, t][:, None], step, score)
     best_last = (score + end).argmax(axis=1)
+    if one_doc:
+        back = numpy.concatenate(history).tolist() if history else []
+        path = [int(best_last[0])]
+        for row in reversed(back):
+            path.append(row[path[-1]])
+        return [path[::-1]]
+    last = mask.sum(axis=1) - 1
     tags = numpy.zeros((batch, length), dtype=numpy.int64)
     current = best_last
     rows = numpy.arange(batch)
