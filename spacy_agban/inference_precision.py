@@ -63,18 +63,50 @@ def make_inference_only(pipe: Transformer, precision: str) -> None:
         setattr(pipe, method, refuse)
 
 
-def convert_after_loading(pipe: Transformer, convert: Callable[[Transformer], None]) -> None:
-    """Run ``convert`` on the component each time it has loaded its weights: a converted
-    model cannot load fp32 weights, and ``after_pipeline_creation`` runs before loading."""
-    for method in ("from_disk", "from_bytes"):
-        load = getattr(pipe, method)
+def component_converter(precision: str, convert_encoder: Callable[[torch.nn.Module], None]) -> Callable[[Transformer], None]:
+    """A function converting one component's encoder in place with ``convert_encoder``
+    (once: converting again is a no-op, from another lower precision an error)."""
 
-        def load_then_convert(*args, _load=load, **kwargs):
-            loaded = _load(*args, **kwargs)
-            convert(pipe)
-            return loaded
+    def convert(pipe: Transformer) -> None:
+        current = getattr(pipe, "precision", "fp32")
+        if current == precision:
+            return
+        if current != "fp32":
+            raise ValueError(f"The '{pipe.name}' component already runs {current}: convert the fp32 pipeline.")
+        encoder = encoder_of(pipe)
+        encoder.eval()
+        convert_encoder(encoder)
+        pipe.precision = precision
+        make_inference_only(pipe, precision)
 
-        setattr(pipe, method, load_then_convert)
+    return convert
+
+
+def convert_pipeline(nlp: Language, precision: str, convert: Callable[[Transformer], None]) -> Language:
+    for pipe in checked_transformer_components(nlp, precision):
+        convert(pipe)
+    return nlp
+
+
+def after_loading_callback(precision: str, convert: Callable[[Transformer], None]) -> Callable[[Language], Language]:
+    """An ``[nlp.after_pipeline_creation]`` callback: each transformer component is
+    converted each time it has loaded its weights (a converted model cannot load fp32
+    weights, and ``after_pipeline_creation`` runs before loading)."""
+
+    def after_pipeline_creation(nlp: Language) -> Language:
+        for pipe in checked_transformer_components(nlp, precision):
+            for method in ("from_disk", "from_bytes"):
+                load = getattr(pipe, method)
+
+                def load_then_convert(*args, _load=load, _pipe=pipe, **kwargs):
+                    loaded = _load(*args, **kwargs)
+                    convert(_pipe)
+                    return loaded
+
+                setattr(pipe, method, load_then_convert)
+        return nlp
+
+    return after_pipeline_creation
 
 
 def native_bf16() -> Optional[bool]:
@@ -97,41 +129,27 @@ def _outputs_to_fp32(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
     return output
 
 
-def bf16_component(pipe: Transformer) -> None:
-    """The component's encoder in bfloat16, in place (outputs handed back in fp32)."""
-    if getattr(pipe, "precision", "fp32") == "bf16":
-        return
-    if getattr(pipe, "precision", "fp32") != "fp32":
-        raise ValueError(f"The '{pipe.name}' component already runs {pipe.precision}: convert the fp32 pipeline.")
-    encoder = encoder_of(pipe)
+def _encoder_to_bf16(encoder: torch.nn.Module) -> None:
     if next(encoder.parameters()).device.type == "cpu" and native_bf16() is False:
         warnings.warn(
             "This CPU has no native bf16 matrix products (AVX512-BF16 or AMX): bf16 inference "
             "is emulated here and slower than fp32.",
-            stacklevel=3,
+            stacklevel=4,
         )
-    encoder.eval()
     encoder.to(torch.bfloat16)
     encoder.register_forward_hook(_outputs_to_fp32)
-    pipe.precision = "bf16"  # type: ignore[attr-defined]
-    make_inference_only(pipe, "bf16")
+
+
+bf16_component = component_converter("bf16", _encoder_to_bf16)
 
 
 def to_bf16(nlp: Language) -> Language:
     """The transformer components of a loaded pipeline in bf16 (in place); returns ``nlp``."""
-    for pipe in checked_transformer_components(nlp, "bf16"):
-        bf16_component(pipe)
-    return nlp
+    return convert_pipeline(nlp, "bf16", bf16_component)
 
 
 @registry.callbacks("spacy_agban.bf16_inference.v1")
 def make_bf16_inference() -> Callable[[Language], Language]:
     """``[nlp.after_pipeline_creation]`` callback: each transformer component converts
     its encoder to bf16 as soon as it has loaded its weights."""
-
-    def after_pipeline_creation(nlp: Language) -> Language:
-        for pipe in checked_transformer_components(nlp, "bf16"):
-            convert_after_loading(pipe, bf16_component)
-        return nlp
-
-    return after_pipeline_creation
+    return after_loading_callback("bf16", bf16_component)

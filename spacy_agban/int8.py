@@ -28,8 +28,7 @@ from spacy.language import Language
 from spacy.util import registry
 
 from .inference_precision import (
-    Transformer, checked_transformer_components, convert_after_loading, encoder_of, make_inference_only,
-    transformer_components,
+    after_loading_callback, component_converter, convert_pipeline, transformer_components,
 )
 
 __all__ = ["keeps_fp32", "quantize_int8", "quantized_linear_names", "transformer_components"]
@@ -54,37 +53,24 @@ def quantized_linear_names(hf_model: torch.nn.Module) -> Set[str]:
             if isinstance(module, torch.nn.Linear) and not keeps_fp32(name)}
 
 
-def quantize_component(pipe: Transformer) -> None:
-    """Dynamic int8 quantization of the component's ``nn.Linear`` layers, in place."""
-    if getattr(pipe, "precision", "fp32") == "int8":
-        return
-    if getattr(pipe, "precision", "fp32") != "fp32":
-        raise ValueError(f"The '{pipe.name}' component already runs {pipe.precision}: quantize the fp32 pipeline.")
-    hf_model = encoder_of(pipe)
+def _quantize_encoder(hf_model: torch.nn.Module) -> None:
     if next(hf_model.parameters()).device.type != "cpu":
         raise ValueError("int8 inference (dynamic quantization) runs on CPU only: load the pipeline on CPU.")
-    hf_model.eval()
     names = quantized_linear_names(hf_model)
     torch.ao.quantization.quantize_dynamic(hf_model, names, dtype=torch.qint8, inplace=True)
-    pipe.precision = "int8"  # type: ignore[attr-defined]
-    make_inference_only(pipe, "int8")
+
+
+# Dynamic int8 quantization of one component's ``nn.Linear`` layers, in place.
+quantize_component = component_converter("int8", _quantize_encoder)
 
 
 def quantize_int8(nlp: Language) -> Language:
     """Quantize the transformer components of a loaded pipeline (in place); returns ``nlp``."""
-    for pipe in checked_transformer_components(nlp, "int8"):
-        quantize_component(pipe)
-    return nlp
+    return convert_pipeline(nlp, "int8", quantize_component)
 
 
 @registry.callbacks("spacy_agban.int8_inference.v1")
 def make_int8_inference() -> Callable[[Language], Language]:
     """``[nlp.after_pipeline_creation]`` callback: each transformer component is
     quantized as soon as it has loaded its weights (``from_disk`` / ``from_bytes``)."""
-
-    def after_pipeline_creation(nlp: Language) -> Language:
-        for pipe in checked_transformer_components(nlp, "int8"):
-            convert_after_loading(pipe, quantize_component)
-        return nlp
-
-    return after_pipeline_creation
+    return after_loading_callback("int8", quantize_component)
