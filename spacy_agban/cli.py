@@ -68,8 +68,8 @@ def evaluate(
     data: Path = typer.Argument(..., help="A .spacy DocBin with doc._.image / doc._.image_caption"),
     output: Optional[Path] = typer.Option(None, help="Write both score sets to this JSON file"),
     batch_size: int = typer.Option(64, help="nlp.pipe batch size"),
-    int8: bool = typer.Option(False, "--int8", help="Quantize the transformer to int8 first (CPU inference, see docs/profile.md)"),
-    bf16: bool = typer.Option(False, "--bf16", help="Run the transformer's encoder in bf16 (see docs/profile.md)"),
+    precision: str = typer.Option("fp32", "--precision", help="The transformer's inference precision: fp32, bf16 or int8 (docs/profile.md)"),
+    int8: bool = typer.Option(False, "--int8", hidden=True, help="Same as --precision int8"),
 ) -> None:
     """Score a pipeline with and without the posts' visual context (two columns).
 
@@ -81,8 +81,12 @@ def evaluate(
 
     from .evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
 
-    if int8 and bf16:
-        problem: Optional[str] = "--int8 and --bf16 are two alternatives: pick one"
+    from .inference_precision import PRECISIONS, set_precision
+
+    if int8:
+        precision = "int8" if precision in ("fp32", "int8") else f"{precision} and int8"
+    if precision not in PRECISIONS:
+        problem: Optional[str] = f"--precision takes {', '.join(PRECISIONS)}, got {precision!r}"
     else:
         problem = evaluate_argument_problem(model, data, output, batch_size)
     if problem:
@@ -94,14 +98,7 @@ def evaluate(
         typer.echo(f"error: cannot load the pipeline {model}: {one_line(err)}", err=True)
         raise typer.Exit(1)
     try:
-        if int8:
-            from .int8 import quantize_int8
-
-            quantize_int8(nlp)
-        elif bf16:
-            from .inference_precision import to_bf16
-
-            to_bf16(nlp)
+        set_precision(nlp, precision)
     except ValueError as err:  # no transformer component to convert
         typer.echo(f"error: {one_line(err)}", err=True)
         raise typer.Exit(1)

@@ -12,8 +12,8 @@ products are emulated and slower than fp32: a warning says so.
 Both paths are inference only: a converted component refuses to be trained or saved
 (save the fp32 pipeline, convert at load). Two ways in, after the weights are loaded:
 
-- at load: ``nlp = to_bf16(spacy.load(path))``, or ``python -m spacy_agban evaluate
-  MODEL DATA --bf16``;
+- at load: ``nlp = to_bf16(spacy.load(path))`` (``set_precision(nlp, "bf16")``), or
+  ``--precision bf16`` of ``python -m spacy_agban evaluate`` and ``tag``;
 - in the config: ``[nlp.after_pipeline_creation] @callbacks =
   "spacy_agban.bf16_inference.v1"`` (or ``spacy.load(path, config={"nlp":
   {"after_pipeline_creation": {"@callbacks": "spacy_agban.bf16_inference.v1"}}})``).
@@ -26,6 +26,22 @@ from spacy.language import Language
 from spacy.util import registry
 
 Transformer = Any  # spacy_transformers.Transformer, imported only where used (heavy)
+
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def set_precision(nlp: Language, precision: str) -> Language:
+    """The loaded pipeline's transformer components in ``precision`` (fp32: unchanged)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16":
+        return to_bf16(nlp)
+    if precision == "int8":
+        from .int8 import quantize_int8  # int8 builds on this module
+
+        return quantize_int8(nlp)
+    return nlp
 
 
 def transformer_components(nlp: Language) -> List[Transformer]:

@@ -10,8 +10,8 @@ Predictions change a little: the F1 of both evaluation columns against fp32 is i
 Two ways in, both after the weights are loaded (quantized modules cannot load fp32
 weights):
 
-- at load: ``nlp = quantize_int8(spacy.load(path))``, or
-  ``python -m spacy_agban evaluate MODEL DATA --int8``;
+- at load: ``nlp = quantize_int8(spacy.load(path))``, or ``--precision int8`` of
+  ``python -m spacy_agban evaluate`` and ``tag``;
 - in the config: ``[nlp.after_pipeline_creation] @callbacks =
   "spacy_agban.int8_inference.v1"`` (or ``spacy.load(path, config={"nlp":
   {"after_pipeline_creation": {"@callbacks": "spacy_agban.int8_inference.v1"}}})``):

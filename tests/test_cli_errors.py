@@ -69,6 +69,8 @@ def test_tag_on_a_parquet_without_rows_or_corrupt(model, tmp_path) -> None:
     ("--detect-resource", "detect_node=0", "expected NAME=AMOUNT with AMOUNT > 0"),
     ("--detect-resource", "detect_node=lots", "expected NAME=AMOUNT"),
     ("--tag-cpus", "0", "--tag-cpus must be more than 0"),
+    ("--precision", "fp16", "--precision takes fp32, bf16, int8"),
+    ("--precision", "bf16", "has none"),  # the fixture's pipeline has no transformer
 ])
 def test_tag_arguments_are_checked_first(model, jsonl, tmp_path, option, value, expected) -> None:
     fails_in_one_line(["tag", model, jsonl, tmp_path / "out", option, value], expected)
@@ -116,7 +118,8 @@ def test_evaluate_checks_model_data_and_output_first(tmp_path) -> None:
     fails_in_one_line(["evaluate", tmp_path, tmp_path / "dev.spacy", "--output", tmp_path / "missing" / "x.json"],
                       "folder of --output", "does not exist")
     fails_in_one_line(["evaluate", tmp_path, tmp_path / "dev.spacy"], "cannot load the pipeline")
-    fails_in_one_line(["evaluate", tmp_path, tmp_path / "dev.spacy", "--int8", "--bf16"], "pick one")
+    fails_in_one_line(["evaluate", tmp_path, tmp_path / "dev.spacy", "--precision", "fp16"], "--precision takes")
+    fails_in_one_line(["evaluate", tmp_path, tmp_path / "dev.spacy", "--precision", "bf16", "--int8"], "--precision takes")
 
 
 def test_features_import_of_crafted_datasets(tmp_path) -> None:

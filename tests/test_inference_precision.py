@@ -109,3 +109,21 @@ def test_the_config_callbacks_convert_after_the_weights_are_loaded(saved, callba
     else:
         assert any(isinstance(m, kind) for m in encoder.modules())
     assert list(nlp.pipe([make_doc(nlp, "I love Paris", "a tower")]))
+
+
+def test_bulk_tagging_in_bf16_records_its_precision_and_will_not_mix(saved, tmp_path):
+    import json
+
+    from spacy_agban.batch.posts import InputError
+    from spacy_agban.batch.local import run_local
+
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text("".join(json.dumps({"id": i, "text": text, "caption": caption}) + "\n"
+                             for i, (text, caption, _) in enumerate(POSTS)))
+    out = tmp_path / "out"
+    result = run_local(str(saved), posts, out, output_format="jsonl", progress=False, precision="bf16")
+    rows = [json.loads(line) for part in sorted(out.glob("part-*")) for line in part.read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["0", "1"] and result["posts_in_output"] == 2
+    assert json.loads((out / "_job.json").read_text())["precision"] == "bf16"
+    with pytest.raises(InputError, match="precision"):  # fp32 rows must not join bf16 ones
+        run_local(str(saved), posts, out, output_format="jsonl", progress=False)

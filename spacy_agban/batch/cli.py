@@ -45,6 +45,7 @@ def tag_command(
     detect_batch_size: int = typer.Option(16, "--detect-batch-size", help="ray: images per detect batch"),
     detect_resource: Optional[List[str]] = typer.Option(None, "--detect-resource", help="ray: NAME=AMOUNT, a custom resource each detect actor needs (pins detection to the nodes that have it); repeatable"),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="An input without posts is not an error"),
+    precision: str = typer.Option("fp32", "--precision", help="The transformer's inference precision: fp32, bf16 or int8 (docs/profile.md)"),
 ) -> dict:
     """Tag posts in bulk: entities, visual units used and errors, one row per post."""
     columns = PostColumns(id=id_key, text=text_key, image=image_key or None, caption=caption_key or None)
@@ -58,7 +59,7 @@ def tag_command(
         {"--batch-size": batch_size, "--part-size": part_size, "--detect-actors": detect_actors,
          "--tag-actors": tag_actors, "--detect-batch-size": detect_batch_size},
         {"--detect-cpus": detect_cpus, "--tag-cpus": tag_cpus},
-    ) or input_problem(input_path, columns, allow_empty)
+    ) or precision_problem(precision, model) or input_problem(input_path, columns, allow_empty)
     if problem:
         typer.echo(f"tag: {problem}", err=True)
         raise typer.Exit(1)
@@ -71,7 +72,8 @@ def tag_command(
 
             result = run_local(str(model), Path(input_path), Path(output), columns, part_size=part_size,
                                batch_size=batch_size, output_format=output_format, gpu_id=gpu_id,
-                               image_root=image_root, allow_remote=allow_remote, resume=resume, features=features)
+                               image_root=image_root, allow_remote=allow_remote, resume=resume, features=features,
+                               precision=precision)
         else:
             try:
                 import ray  # noqa: F401
@@ -83,7 +85,7 @@ def tag_command(
             options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus,
                                  detect_actors=detect_actors, tag_actors=tag_actors, detect_cpus=detect_cpus,
                                  tag_cpus=tag_cpus, batch_size=batch_size, detect_batch_size=detect_batch_size,
-                                 detect_resources=resources)
+                                 detect_resources=resources, precision=precision)
             result = run_ray(str(model), input_path, output, columns, options, image_root=image_root,
                              allow_remote=allow_remote, features=features, part_size=part_size,
                              output_format=output_format, resume=resume)
@@ -97,6 +99,27 @@ def tag_command(
         raise typer.Exit(1)
     typer.echo(result["summary"])
     return result
+
+
+def precision_problem(precision: str, model: Path) -> Optional[str]:
+    """What is wrong with ``--precision`` for this saved pipeline (None if nothing),
+    read from its config before any worker loads it."""
+    from spacy.util import load_config
+
+    from ..inference_precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        return f"--precision takes {', '.join(PRECISIONS)}, got {precision!r}"
+    if precision == "fp32":
+        return None
+    try:
+        components = load_config(Path(model) / "config.cfg", interpolate=False).get("components", {})
+    except Exception:  # an unreadable config: spacy.load says why, later
+        return None
+    if not any(block.get("factory") == "transformer" for block in components.values()):
+        return (f"--precision {precision} converts a transformer component, and {model} has none "
+                "(its components: " + ", ".join(components) + "); leave --precision at fp32")
+    return None
 
 
 def parse_resources(specs: List[str]) -> Dict[str, float]:

@@ -30,21 +30,24 @@ def run_local(
     progress: bool = True,
     features: Optional[str] = None,
     after_part: Optional[Callable[[int], None]] = None,
+    precision: str = "fp32",
 ) -> Dict[str, Any]:
     """Tag every post of ``input_path`` into numbered parts under ``output``.
 
     features: a Parquet features dataset read before the pipeline's store (new
     detections are added to it). after_part: called with each part's index once
-    it is written (tests use it to interrupt a run).
+    it is written (tests use it to interrupt a run). precision: the transformer's
+    (fp32, bf16, int8; ``spacy_agban.inference_precision``).
     """
     input_path = Path(input_path).resolve()
     source = open_input(input_path, columns)
     parts = Parts(Path(output), output_format)
-    done = parts.check_job(job_description(input_path, columns, part_size, output_format, model), resume)
+    done = parts.check_job(job_description(input_path, columns, part_size, output_format, model, precision), resume)
     plan = plan_parts(source, part_size)
     _, block = object_units_block(model)
     device = f"cuda:{gpu_id}" if gpu_id >= 0 else None
-    nlp = load_tagger(model, unit_overrides(block, image_root, allow_remote, device), gpu_id=gpu_id)
+    nlp = load_tagger(model, unit_overrides(block, image_root, allow_remote, device), gpu_id=gpu_id,
+                      precision=precision)
     units = _object_units(nlp)
     if units is not None:
         units.max_warnings = 0  # a bad image is an error row, not a warning

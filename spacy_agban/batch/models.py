@@ -69,11 +69,13 @@ def unit_overrides(block: Optional[Dict[str, Any]], image_root: Optional[str] = 
 
 
 def load_tagger(model: str, changes: Optional[Dict[str, Any]] = None, objects_from_columns: bool = False,
-                gpu_id: int = -1) -> Any:
-    """``spacy.load`` with the object_units block changed (keys relative to it)."""
+                gpu_id: int = -1, precision: str = "fp32") -> Any:
+    """``spacy.load`` with the object_units block changed (keys relative to it), its
+    transformer in ``precision`` (``spacy_agban.inference_precision``)."""
     import spacy
 
     import spacy_agban  # noqa: F401  (registrations)
+    from ..inference_precision import set_precision
     from .core import ColumnObjects, agban_pipes, uses_objects
 
     if gpu_id >= 0:
@@ -87,6 +89,7 @@ def load_tagger(model: str, changes: Optional[Dict[str, Any]] = None, objects_fr
             for key, value in (changes or {}).items():
                 overrides[f"components.{name}.object_units.{key}"] = value
     nlp = spacy.load(model, config=overrides)
+    set_precision(nlp, precision)
     if objects_from_columns and uses_objects(nlp):
         for pipe in agban_pipes(nlp):
             pipe.object_units = ColumnObjects()

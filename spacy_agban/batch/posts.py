@@ -303,6 +303,10 @@ def read_output(folder: Path) -> List[Dict[str, Any]]:
     return rows
 
 
-def job_description(input_path: Path, columns: PostColumns, part_size: int, fmt: str, model: str) -> Dict[str, Any]:
-    return {"input": str(input_path), "columns": asdict(columns), "part_size": part_size,
-            "format": fmt, "model": str(model)}
+def job_description(input_path: Path, columns: PostColumns, part_size: int, fmt: str, model: str,
+                    precision: str = "fp32") -> Dict[str, Any]:
+    job = {"input": str(input_path), "columns": asdict(columns), "part_size": part_size,
+           "format": fmt, "model": str(model)}
+    if precision != "fp32":  # a resumed job keeps its precision; fp32 jobs read as before
+        job["precision"] = precision
+    return job

@@ -67,6 +67,7 @@ class RayOptions:
     batch_size: int = 64
     detect_batch_size: int = 16
     detect_resources: Dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"  # the tag actors' transformer (spacy_agban.inference_precision)
 
 
 @dataclass
@@ -211,8 +212,8 @@ def failed_detection(batch: core.Batch, err: Exception) -> core.Batch:
 class TagActor:
     """Loads the pipeline once (its object units come from columns); tags each batch."""
 
-    def __init__(self, model: str, batch_size: int):
-        self.nlp = load_tagger(model, objects_from_columns=True)
+    def __init__(self, model: str, batch_size: int, precision: str = "fp32"):
+        self.nlp = load_tagger(model, objects_from_columns=True, precision=precision)
         self.batch_size = batch_size
 
     def __call__(self, table: Any) -> Any:
@@ -276,7 +277,8 @@ def run_ray(model: str, input_path: str, output: str, columns: core.PostColumns 
     input_path = str(Path(input_path).resolve())
     source = open_input(Path(input_path), columns)
     parts = Parts(Path(output), output_format)
-    done = parts.check_job(job_description(Path(input_path), columns, part_size, output_format, model), resume)
+    done = parts.check_job(job_description(Path(input_path), columns, part_size, output_format, model,
+                                               options.precision), resume)
     plan = plan_parts(source, part_size)
     todo = [(k, segs) for k, segs in enumerate(plan) if k not in done]
     _, block = object_units_block(model)
@@ -307,7 +309,8 @@ def run_ray(model: str, input_path: str, output: str, columns: core.PostColumns 
                                     batch_format="pyarrow", batch_size=options.detect_batch_size,
                                     num_cpus=options.detect_cpus, num_gpus=num_gpus,
                                     resources=(options.detect_resources or None) if detector else None)
-            ds = ds.map_batches(stages.tag, fn_constructor_kwargs={"model": model, "batch_size": options.batch_size},
+            ds = ds.map_batches(stages.tag, fn_constructor_kwargs={"model": model, "batch_size": options.batch_size,
+                                                                     "precision": options.precision},
                                 compute=ActorPoolStrategy(size=options.tag_actors), batch_format="pyarrow",
                                 batch_size=options.batch_size, num_cpus=options.tag_cpus, num_gpus=0)
             expected = {k: sum(s.count for s in segs) for k, segs in todo}
