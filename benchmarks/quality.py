@@ -279,6 +279,7 @@ def per_type_table(recs: List[Dict]) -> str:
 def write_report(metrics_dir: Path, report: Path) -> str:
     records = [srsly.read_json(p) for p in sorted(metrics_dir.glob("*.json"))
                if not p.name.endswith(("evaluate.json", "two-ways.json"))]
+    records = [r for r in records if isinstance(r, dict) and "row" in r]  # other JSON beside the runs
     if not records:
         raise typer.BadParameter(f"no metrics in {metrics_dir}")
     info = machine()
