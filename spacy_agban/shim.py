@@ -16,8 +16,15 @@ land depends on the run (allocation order, hash seed, neighbours), hence "someti
 (Thinc's Adam already updates the numpy view in place, so usually nothing is
 copied), with the same optimizer keys, gradient clipping, loss scaling and
 serialization as the stock shim.
+
+It also makes ``[training.optimizer] use_averages = true`` work for PyTorch models:
+thinc's optimizer keeps its parameter averages under the keys ``finish_update``
+passes, ``(shim id, parameter name)``, but the stock ``PyTorchShim.use_params`` looks
+for ``"pytorch_{id}_{name}"`` strings, finds none and silently keeps the raw weights,
+so spaCy evaluated and saved the un-averaged model.
 """
-from typing import Callable
+import contextlib
+from typing import Callable, Dict, Iterator
 
 import torch
 from spacy.language import Language
@@ -59,6 +66,39 @@ class InPlaceUpdateShim(PyTorchShim):
         self._grad_scaler.update()
         # thinc's optimizer writes through a numpy view: torch sees no version change,
         # so prediction caches computed from the old weights are dropped here
+        self._clear_caches()
+
+    @contextlib.contextmanager
+    def use_params(self, params: Dict) -> Iterator[None]:
+        """Within the block, the parameters found in ``params`` under this shim's
+        optimizer keys (e.g. ``optimizer.averages``) replace the model's, copied in
+        place so that nothing holding a parameter sees a stale tensor."""
+        replacements = {
+            name: params[(self.id, name)]
+            for name, _ in self._model.named_parameters()
+            if (self.id, name) in params
+        }
+        if not replacements:  # the stock shim's string keys, if anyone uses them
+            with super().use_params(params):
+                yield
+            return
+        backup: Dict[str, torch.Tensor] = {}
+        named = dict(self._model.named_parameters())
+        with torch.no_grad():
+            for name, value in replacements.items():
+                param = named[name]
+                backup[name] = param.detach().clone()
+                param.copy_(xp2torch(value, device=param.device).view_as(param))
+        self._clear_caches()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in backup.items():
+                    named[name].copy_(value)
+            self._clear_caches()
+
+    def _clear_caches(self) -> None:
         for module in self._model.modules():
             clear = getattr(module, "clear_cache", None)
             if callable(clear):

@@ -117,3 +117,51 @@ def test_transformer_parameters_update_in_place():
     assert any(not torch.equal(params[name], value) for name, value in before.items())
     # its weights are saved and loaded as by the stock shim
     assert shim.to_bytes() == HFShim.to_bytes(shim)
+
+
+def test_averaged_parameters_are_used_within_use_params():
+    """thinc keys the averages (shim id, name); the stock shim's use_params looked for
+    strings and kept the raw weights, so spaCy scored and saved the un-averaged model."""
+    torch.manual_seed(0)
+    wrapper = with_in_place_updates(_wrap(torch.nn.Linear(4, 2)))
+    shim = wrapper.shims[0]
+    optimizer, X = Adam(0.05, use_averages=True), torch.randn(5, 4)
+    _train(wrapper, optimizer, X, 20)
+    weight = shim._model.weight
+    raw, raw_output = weight.detach().clone(), wrapper.predict(X).clone()
+    average = torch.from_numpy(optimizer.averages[(shim.id, "weight")])
+    assert not torch.allclose(raw, average)
+    with wrapper.use_params(optimizer.averages):
+        assert shim._model.weight is weight  # replaced in place
+        assert torch.equal(weight, average.view_as(weight))
+        assert not torch.allclose(wrapper.predict(X), raw_output)
+    assert torch.equal(weight, raw)
+    assert torch.equal(wrapper.predict(X), raw_output)
+    # a failure inside the block restores the raw weights too
+    try:
+        with wrapper.use_params(optimizer.averages):
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert torch.equal(weight, raw)
+
+
+def test_pipeline_uses_the_averages_when_spacy_asks():
+    nlp = make_nlp()
+    examples = make_examples(nlp, CAPTION_POSTS)
+    nlp.initialize(lambda: examples)
+    optimizer = Adam(0.01, use_averages=True)
+    for _ in range(3):
+        nlp.update(examples, sgd=optimizer)
+    shim = nlp.get_pipe("agban").model.get_ref("torch").shims[0]
+    transitions = dict(shim._model.named_parameters())["output.crf.transitions"]
+    raw = transitions.detach().clone()
+    average = torch.from_numpy(optimizer.averages[(shim.id, "output.crf.transitions")])
+    assert not torch.allclose(raw, average)
+    with nlp.use_params(optimizer.averages):  # as spaCy's training loop scores and saves
+        assert torch.equal(transitions, average)
+        saved = nlp.get_pipe("agban").to_bytes()
+    assert torch.equal(transitions, raw)
+    nlp.get_pipe("agban").from_bytes(saved)  # what was saved is the averaged model
+    shim = nlp.get_pipe("agban").model.get_ref("torch").shims[0]
+    assert torch.equal(dict(shim._model.named_parameters())["output.crf.transitions"], average)
