@@ -13,7 +13,7 @@ from torchcrf import CRF
 
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
 from spacy_agban.baseline import STATIC_VECTORS
-from benchmarks import quality, shuffled_captions, speed
+from benchmarks import dev_curves, quality, shuffled_captions, speed
 from spacy_agban.featurize import Featurizer, batch_static_vectors, char_ids
 from spacy_agban.model.crf import viterbi_decode
 from spacy_agban.visual_units import DocUnits
@@ -280,3 +280,23 @@ def test_shuffled_context_keeps_text_and_entities(tmp_path):
         assert [(e.start, e.end, e.label_) for e in new.ents] == [(e.start, e.end, e.label_) for e in real.ents]
         assert new._.image != real._.image  # another post's context ...
         assert (new._.image, new._.image_caption) in pairs  # ... moved whole, image with caption
+
+
+def test_dev_curves_side_by_side(tmp_path):
+    def log(name, scores):
+        lines = [srsly.json_dumps({"step": step, "losses": {"agban": 1.0}, "scores": {"ents_f": f1}})
+                 for step, f1 in scores]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        return tmp_path / name
+
+    raw = log("raw", [(0, 2.0), (400, 70.0), (800, 72.5), (1200, 71.0)])
+    averaged = log("averaged", [(0, 2.0), (400, 71.0), (800, 72.0), (1200, 73.0), (1600, 72.0)])
+    runs = [dev_curves.parse_run(f"raw={raw}"), dev_curves.parse_run(str(averaged))]
+    assert runs[1][0] == "averaged"
+    text = dev_curves.table(runs, [dev_curves.dev_scores(path) for _, path in runs])
+    assert "| 800 | **72.50** | 72.00 |" in text
+    assert "| 1,600 |  | 72.00 |" in text
+    assert "| best (step) | 72.50 (800) | 73.00 (1,200) |" in text
+    assert "| last step | 1,200 | 1,600 |" in text
+    with pytest.raises(typer.BadParameter):
+        dev_curves.parse_run("=folder")
