@@ -15,7 +15,7 @@ from spacy.training import Example, validate_get_examples
 from spacy.vocab import Vocab
 from thinc.api import Config, Model, Optimizer, set_dropout_rate
 
-from .architectures import AGBANInput, set_sizes
+from .architectures import AGBANInput, get_module, set_sizes
 from .corpus import patch_stock_corpus_in_spacy_evaluate
 from .learning_rate import ScaledOptimizer
 from .visual_units import CAPTION, OBJECT, DocUnits, ObjectUnitSource, UnitSource, VisualUnit
@@ -64,6 +64,7 @@ OUTSIDE = "O"
         "max_words": 50000,
         "record_attention": False,
         "learn_rate_scale": 1.0,
+        "bio_constraints": False,
         "scorer": {"@scorers": "spacy.ner_scorer.v1"},
     },
     default_score_weights={"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None},
@@ -77,6 +78,7 @@ def make_agban(
     max_words: int,
     record_attention: bool,
     learn_rate_scale: float,
+    bio_constraints: bool,
     scorer: Optional[Callable],
 ) -> "AGBANRecognizer":
     """Multimodal NER (AGBAN): reads ``doc._.image`` / ``doc._.image_caption``.
@@ -84,6 +86,10 @@ def make_agban(
     learn_rate_scale: this component's learning rate relative to the optimizer's
     (spaCy has one optimizer for the pipeline): e.g. 20 to train the AGBAN head at
     1e-3 on top of a transformer fine-tuned at 5e-5.
+    bio_constraints: decode valid BIO sequences only (an I- tag only after the B- or
+    I- of its label). Prediction only: switch it on or off for a trained pipeline with
+    ``spacy.load(path, config={"components": {"agban": {"bio_constraints": True}}})``.
+    Off by default, so that pipelines saved before it existed tag as they did.
     """
     # only inside `spacy evaluate`, which reads its data with spaCy's own Corpus after
     # loading the pipeline: nothing global changes otherwise (see corpus.py)
@@ -91,7 +97,8 @@ def make_agban(
     return AGBANRecognizer(
         nlp.vocab, model, name,
         caption_units=caption_units, object_units=object_units, max_words=max_words,
-        record_attention=record_attention, learn_rate_scale=learn_rate_scale, scorer=scorer,
+        record_attention=record_attention, learn_rate_scale=learn_rate_scale,
+        bio_constraints=bio_constraints, scorer=scorer,
     )
 
 
@@ -136,6 +143,7 @@ class AGBANRecognizer(TrainablePipe):
         max_words: int = 50000,
         record_attention: bool = False,
         learn_rate_scale: float = 1.0,
+        bio_constraints: bool = False,
         scorer: Optional[Callable] = get_ner_prf,
     ):
         if not learn_rate_scale > 0:
@@ -156,6 +164,7 @@ class AGBANRecognizer(TrainablePipe):
         self.object_units = object_units
         self.record_attention = record_attention
         self.learn_rate_scale = learn_rate_scale
+        self.bio_constraints = bio_constraints
         self.scorer = scorer
         self.cfg: Dict[str, Any] = {
             "labels": [], "words": [], "static_width": 0, "unit_dims": {}, "max_words": max_words,
@@ -314,6 +323,8 @@ class AGBANRecognizer(TrainablePipe):
         index = [i for i, doc in enumerate(docs) if len(doc)]
         if not index:
             return predictions
+        # set on every call: the torch module is rebuilt by initialize and by loading
+        get_module(self.model).output.bio_constraints = bool(self.bio_constraints)
         out = self.model.predict(([docs[i] for i in index], [units[i] for i in index], None))
         tags = self.tags
         for row, i in enumerate(index):
