@@ -13,7 +13,7 @@ from torchcrf import CRF
 
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
 from spacy_agban.baseline import STATIC_VECTORS
-from benchmarks import dev_curves, quality, shuffled_captions, speed
+from benchmarks import bio_constraints_choice, dev_curves, quality, shuffled_captions, speed
 from spacy_agban.featurize import Featurizer, batch_static_vectors, char_ids
 from spacy_agban.model.crf import viterbi_decode
 from spacy_agban.visual_units import DocUnits
@@ -300,3 +300,16 @@ def test_dev_curves_side_by_side(tmp_path):
     assert "| last step | 1,200 | 1,600 |" in text
     with pytest.raises(typer.BadParameter):
         dev_curves.parse_run("=folder")
+
+
+def test_bio_constraints_report_gives_each_change_and_their_mean():
+    def scores(off, on):
+        return {"off": {"ents_f": off}, "on": {"ents_f": on}}
+
+    results = {
+        "a": {"with_context": scores(0.70, 0.71), "without_context": scores(0.69, 0.69)},
+        "b": {"with_context": scores(0.72, 0.72), "without_context": scores(0.70, 0.68)},
+    }
+    text = bio_constraints_choice.report(results)
+    assert "| `a` | 70.00 | 71.00 | +1.00 | 69.00 | 69.00 | +0.00 |" in text
+    assert "| mean change (2 models) | | | **+0.50** | | | **-1.00** |" in text
