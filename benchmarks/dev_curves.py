@@ -31,7 +31,10 @@ def parse_run(value: str) -> Tuple[str, Path]:
 
 
 def dev_scores(folder: Path) -> Dict[int, float]:
-    curves = read_training_log(find_training_log(folder))
+    try:
+        curves = read_training_log(find_training_log(folder))
+    except FileNotFoundError as error:
+        raise typer.BadParameter(str(error)) from None
     return {step: f1 for step, f1 in zip(curves.steps, curves.dev_f1) if f1 is not None}
 
 
