@@ -1,4 +1,5 @@
 """CRF output layer over BIO tags (paper eq. 16-21), on pytorch-crf."""
+import functools
 from typing import List, Optional
 
 import numpy
@@ -12,12 +13,14 @@ from ..fast_inference import use_reference
 OUTSIDE_TAG = 0  # the pipe puts "O" first in its tag list, then B-, I- of each label
 
 
+@functools.lru_cache(maxsize=8)
 def bio_penalties(n_tags: int) -> "tuple[numpy.ndarray, numpy.ndarray]":
     """Additive (start (K,), transitions (K, K)) scores that rule out invalid BIO
     sequences for the tag layout ``O, B-L1, I-L1, B-L2, I-L2, ...``: an I- tag only
     after the B- or I- of its own label, never first. The CRF learns to avoid them but
     not always (about one post in a hundred on the Twitter-2015 dev split); spaCy
-    would read such a stray I- as an entity of its own."""
+    would read such a stray I- as an entity of its own. Cached: callers add, never
+    write into them."""
     floor = numpy.float32(numpy.finfo(numpy.float32).min / 4)
     start = numpy.zeros(n_tags, dtype=numpy.float32)
     transitions = numpy.zeros((n_tags, n_tags), dtype=numpy.float32)
