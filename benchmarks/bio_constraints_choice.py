@@ -88,7 +88,7 @@ def main(
         results[relative(model)] = {**score_model(model, data), "data": relative(data)}
     output.parent.mkdir(parents=True, exist_ok=True)
     srsly.write_json(output, results)
-    text = report({k: v for k, v in results.items()})
+    text = report(results)
     report_path.write_text(f"# BIO constraints at decoding, chosen on `{relative(data)}`\n\n" + text
                            + "\nRe-run: `OMP_NUM_THREADS=1 python -m benchmarks.bio_constraints_choice MODEL...`\n",
                            encoding="utf-8")

@@ -73,17 +73,13 @@ class InPlaceUpdateShim(PyTorchShim):
         """Within the block, the parameters found in ``params`` under this shim's
         optimizer keys (e.g. ``optimizer.averages``) replace the model's, copied in
         place so that nothing holding a parameter sees a stale tensor."""
-        replacements = {
-            name: params[(self.id, name)]
-            for name, _ in self._model.named_parameters()
-            if (self.id, name) in params
-        }
+        named = dict(self._model.named_parameters())
+        replacements = {name: params[(self.id, name)] for name in named if (self.id, name) in params}
         if not replacements:  # the stock shim's string keys, if anyone uses them
             with super().use_params(params):
                 yield
             return
         backup: Dict[str, torch.Tensor] = {}
-        named = dict(self._model.named_parameters())
         with torch.no_grad():
             for name, value in replacements.items():
                 param = named[name]

@@ -5,6 +5,7 @@ import spacy
 import torch
 
 from spacy_agban.architectures import get_module
+from spacy_agban.fast_inference import reference_inference
 from spacy_agban.model.crf import OUTSIDE_TAG, CRFOutput, bio_penalties, viterbi_decode_numpy
 from spacy_agban.pipeline import bio_tags
 
@@ -56,8 +57,6 @@ def test_constrained_decoding_never_yields_an_invalid_sequence_on_either_path():
     constrained = crf.decode(features, mask)
     assert all(invalid_steps(path) == 0 for path in constrained)
     assert [len(p) for p in constrained] == lengths.tolist()
-    from spacy_agban.fast_inference import reference_inference
-
     with reference_inference():  # the torch Viterbi gives the same tags
         assert crf.decode(features, mask) == constrained
     # one doc alone (the Python backtracking) agrees with the batch
