@@ -10,7 +10,7 @@ from spacy.util import registry
 from thinc.api import ArgsKwargs, Model, PyTorchWrapper_v3, get_torch_default_device
 from thinc.types import Floats2d
 
-from .featurize import N_CHARS, Featurizer
+from .featurize import N_CHARS, N_SHAPES, Featurizer
 from .model import AGBANModule, Batch
 from .model.agban import Output
 from .shim import with_in_place_updates
@@ -28,6 +28,7 @@ def build_agban_model(
     word_dim: int = 50,
     char_dim: int = 30,
     char_hidden: int = 50,
+    shape_dim: int = 0,
     hidden: int = 200,
     gban_dim: int = 200,
     gate_dim: int = 200,
@@ -51,6 +52,8 @@ def build_agban_model(
     adversarial: the modality discriminator behind a gradient reversal layer.
     use_word_features: the paper's word features (GloVe + a trainable table); false
         with char_dim = 0 leaves the token_encoder as the only token features.
+    shape_dim: width of an embedding of each token's shape (case of its letters, an
+        @ or # prefix) beside the word and char features; 0 (the paper) leaves it out.
     token_encoder: optional extra token features (e.g. a spacy-transformers listener),
         concatenated to the word and char features before the word BiLSTM.
     Training for posts without visual context (docs/visual_context.md), all off by
@@ -83,6 +86,7 @@ def build_agban_model(
         "word_dim": word_dim,
         "char_dim": char_dim,
         "char_hidden": char_hidden,
+        "shape_dim": shape_dim,
         "hidden": hidden,
         "gban_dim": gban_dim,
         "gate_dim": gate_dim,
@@ -148,6 +152,8 @@ def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> M
         cross_view=a["cross_view"],
         adversarial_reduction=a["adversarial_reduction"],
         grl_warmup_steps=a["grl_warmup_steps"],
+        shape_dim=a["shape_dim"],
+        n_shapes=N_SHAPES,
     )
     model.attrs["featurizer"] = Featurizer(
         sizes["words"] if words_on else [], sizes["static_width"] if words_on else 0,
@@ -221,6 +227,7 @@ def _convert_inputs(model: Model, arrays: Dict[str, Any], is_train: bool):
         tags=tensor(arrays["tags"]) if is_train else None,
         outside_only=tensor(arrays["outside_only"]),
         token_keys=tensor(arrays.get("token_keys")),
+        shape_ids=tensor(arrays.get("shape_ids")),
     )
     external = tensor(arrays["external"])
     if external is not None and is_train:

@@ -12,6 +12,30 @@ N_CHARS = 1024  # 0 padding, 1..255 Latin-1, the rest hashed by code point
 _LATIN1 = 255
 _MAX_CACHE = 500_000  # per-token caches are cleared past this many forms
 
+# Word shape: the case of a token's letters and a mention/hashtag prefix, one id per form
+# (0 = padding). GloVe and uncased encoders see lowercase only; this hands the word BiLSTM
+# the capitalization directly, where the char BiLSTM has to learn it from characters.
+CASES = ("none", "lower", "title", "upper", "mixed")  # "none": no letters at all
+PREFIXES = ("", "@", "#")
+N_SHAPES = 1 + len(CASES) * len(PREFIXES)
+
+
+def word_shape(text: str) -> int:
+    """The shape id (1..N_SHAPES-1) of a token's exact form."""
+    prefix = PREFIXES.index(text[0]) if text[:1] in ("@", "#") else 0
+    letters = [char for char in text if char.isalpha()]
+    if not letters:
+        case = "none"
+    elif not any(char.isupper() for char in letters):
+        case = "lower"  # also scripts without case
+    elif all(char.isupper() for char in letters):
+        case = "upper" if len(letters) > 1 else "title"  # "I", "A" read as capitalized
+    elif letters[0].isupper() and not any(char.isupper() for char in letters[1:]):
+        case = "title"
+    else:
+        case = "mixed"  # iPhone, McDonald, BBCNews
+    return 1 + prefix * len(CASES) + CASES.index(case)
+
 
 def char_ids(text: str, max_chars: int) -> List[int]:
     """Deterministic ids (no vocabulary, no Python hash seed): Latin-1 gets its own."""
@@ -54,7 +78,7 @@ class Featurizer:
         self.unit_dims = dict(unit_dims)
         self.max_word_chars = max_word_chars
         self._key_cache: Dict[int, int] = {}  # lowercase key -> word row
-        self._char_cache: Dict[int, numpy.ndarray] = {}  # exact key -> char ids + length
+        self._char_cache: Dict[int, numpy.ndarray] = {}  # exact key -> char ids, length, shape
 
     def word_row(self, token_lower: str) -> int:
         """Row of the trainable table; 0 for padding and words not seen in training."""
@@ -69,7 +93,7 @@ class Featurizer:
         """Arrays for non-empty docs only (the CRF needs at least one token).
 
         Per-token work is cached by string key (the training vocabulary row of each
-        lowercase form, the char ids of each exact form), and the arrays are filled for
+        lowercase form, the char ids and shape of each exact form), and the arrays are filled for
         the whole batch at once through the token mask (row-major: doc by doc).
         """
         n_docs = len(docs)
@@ -90,7 +114,8 @@ class Featurizer:
             vectors[token_mask] = batch_static_vectors(docs[0].vocab, lower, self.static_width)
         chars = numpy.zeros((n_docs, max_len, self.max_word_chars), dtype="int64")
         char_lengths = numpy.zeros((n_docs, max_len), dtype="int64")
-        chars[token_mask], char_lengths[token_mask] = self._char_rows(orth, strings)
+        shapes = numpy.zeros((n_docs, max_len), dtype="int64")
+        chars[token_mask], char_lengths[token_mask], shapes[token_mask] = self._form_rows(orth, strings)
         gold = numpy.zeros((n_docs, max_len), dtype="int64")
         if tags is not None:
             gold[token_mask] = numpy.concatenate([numpy.asarray(t, dtype="int64") for t in tags])
@@ -99,6 +124,7 @@ class Featurizer:
             "static_vectors": vectors,
             "char_ids": chars,
             "char_lengths": char_lengths,
+            "shape_ids": shapes,
             "token_mask": token_mask,
             "outside_only": outside_only,
             "tags": gold if tags is not None else None,
@@ -122,8 +148,8 @@ class Featurizer:
             rows.append(row)
         return numpy.asarray(rows, dtype="int64")
 
-    def _char_rows(self, orth: numpy.ndarray, strings):
-        """(N, max_word_chars) char ids and (N,) lengths of N tokens, by exact form."""
+    def _form_rows(self, orth: numpy.ndarray, strings):
+        """(N, max_word_chars) char ids, (N,) lengths and (N,) shapes of N tokens, by exact form."""
         cache = self._char_cache
         if len(cache) > _MAX_CACHE:
             cache.clear()
@@ -131,13 +157,15 @@ class Featurizer:
         for key in orth.tolist():
             row = cache.get(key)
             if row is None:
-                ids = char_ids(strings[key], self.max_word_chars)
-                row = cache[key] = numpy.zeros((self.max_word_chars + 1,), dtype="int64")
+                text = strings[key]
+                ids = char_ids(text, self.max_word_chars)
+                row = cache[key] = numpy.zeros((self.max_word_chars + 2,), dtype="int64")
                 row[: len(ids)] = ids
-                row[-1] = len(ids)
+                row[-2] = len(ids)
+                row[-1] = word_shape(text)
             rows.append(row)
         stacked = numpy.stack(rows)
-        return stacked[:, :-1], stacked[:, -1]
+        return stacked[:, :-2], stacked[:, -2], stacked[:, -1]
 
     def unit_arrays(self, units: Sequence[DocUnits]):
         """Per source: (B, K, D) zero-padded vectors and a (B, K) mask (K >= 1)."""

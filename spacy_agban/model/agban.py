@@ -28,6 +28,7 @@ class Batch:
     tags: Optional[torch.Tensor] = None  # (B, T) long gold tags, 0 on padding
     outside_only: Optional[torch.Tensor] = None  # (B, T) bool: tokens that can only be O
     token_keys: Optional[torch.Tensor] = None  # (B, T) long: an id of each token's exact form
+    shape_ids: Optional[torch.Tensor] = None  # (B, T) long: each token's word shape, 0 on padding
 
 
 @dataclass
@@ -86,6 +87,8 @@ class AGBANModule(nn.Module):
         cross_view: float = 0.0,
         adversarial_reduction: str = "mean",
         grl_warmup_steps: int = 0,
+        shape_dim: int = 0,
+        n_shapes: int = 1,
     ):
         super().__init__()
         for name, rate in (("visual_dropout", visual_dropout), ("source_dropout", source_dropout)):
@@ -102,7 +105,7 @@ class AGBANModule(nn.Module):
         self.fusion_kind = fusion
         self.text = TextProjector(
             n_words, static_width, word_dim, n_chars, char_dim, char_hidden, hidden, dropout,
-            external_width=external_width,
+            external_width=external_width, shape_dim=shape_dim, n_shapes=n_shapes,
         )
         self.visual = VisualProjector(unit_dims, hidden, dropout) if fusion != "none" else None
         self.fusion: Optional[nn.Module] = None
@@ -168,7 +171,7 @@ class AGBANModule(nn.Module):
         """G_M for every token, with the adversarial loss and attention on the way."""
         g_t = self.text(
             batch.word_ids, batch.static_vectors, batch.char_ids, batch.char_lengths,
-            batch.token_mask, batch.external, batch.token_keys,
+            batch.token_mask, batch.external, batch.token_keys, batch.shape_ids,
         )
         out = Output(features=g_t, text_features=g_t)
         if self.visual is None or self.fusion is None:

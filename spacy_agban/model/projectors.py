@@ -99,6 +99,9 @@ class CharBiLSTM(nn.Module):
 class TextProjector(nn.Module):
     """Word embedding + char BiLSTM, concatenated, then a word BiLSTM -> G_T.
 
+    ``shape_dim`` > 0 adds an embedding of each token's shape (its case and a
+    mention/hashtag prefix, ``featurize.word_shape``) to the concatenation.
+
     The word embedding is the frozen pretrained vector (looked up outside, passed in)
     plus a trainable table for the training vocabulary, initialized at zero: the same
     as GloVe-initialized embeddings fine-tuned on the words seen in training, while
@@ -117,6 +120,8 @@ class TextProjector(nn.Module):
         hidden: int,
         dropout: float,
         external_width: int = 0,
+        shape_dim: int = 0,
+        n_shapes: int = 1,
     ):
         super().__init__()
         if static_width and word_dim != static_width:
@@ -132,7 +137,8 @@ class TextProjector(nn.Module):
         if static_width and self.word_embed is not None:
             nn.init.zeros_(self.word_embed.weight)
         self.chars = CharBiLSTM(n_chars, char_dim, char_hidden) if char_dim else None
-        in_width = word_dim + (self.chars.width if self.chars else 0) + external_width
+        self.shapes = nn.Embedding(n_shapes, shape_dim, padding_idx=0) if shape_dim else None
+        in_width = word_dim + (self.chars.width if self.chars else 0) + shape_dim + external_width
         if in_width == 0:
             raise ValueError("TextProjector has no token features: no words, chars or external")
         self.dropout = nn.Dropout(dropout)
@@ -151,13 +157,17 @@ class TextProjector(nn.Module):
         token_mask: torch.Tensor,
         external: Optional[torch.Tensor] = None,
         token_keys: Optional[torch.Tensor] = None,
+        shape_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        if self.shapes is not None and shape_ids is None:
+            raise ValueError("this TextProjector embeds word shapes: pass shape_ids")
         one_doc = token_mask.shape[0] == 1 and bool(token_mask.all())  # no padding
         if (one_doc and not self.training and torch.is_inference_mode_enabled()
                 and numpy_ready(static_vectors) and numpy_ready(self.lstm.weight_ih_l0)):
             return self._one_doc_numpy(word_ids[0], static_vectors[0], char_ids[0], char_lengths[0],
                                        None if external is None else external[0],
-                                       None if token_keys is None else token_keys[0])
+                                       None if token_keys is None else token_keys[0],
+                                       None if shape_ids is None else shape_ids[0])
         parts = []
         if self.word_embed is not None:
             words = self.word_embed(word_ids)
@@ -174,6 +184,8 @@ class TextProjector(nn.Module):
                 chars = per_token.new_zeros(token_mask.shape + (self.chars.width,))
                 chars[token_mask] = per_token
                 parts.append(chars)
+        if self.shapes is not None:
+            parts.append(self.shapes(shape_ids))
         if external is not None:
             parts.append(external)
         inputs = self.dropout(torch.cat(parts, dim=-1))
@@ -193,6 +205,7 @@ class TextProjector(nn.Module):
         char_lengths: torch.Tensor,
         external: Optional[torch.Tensor],
         token_keys: Optional[torch.Tensor],
+        shape_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``forward`` of one doc at inference on CPU: the same inputs put together in
         numpy, the word BiLSTM's numpy copy (no dropout at inference)."""
@@ -204,6 +217,8 @@ class TextProjector(nn.Module):
             parts.append(words)
         if self.chars is not None:
             parts.append(self.chars(char_ids, char_lengths, token_keys).numpy())
+        if self.shapes is not None:
+            parts.append(self.shapes.weight.detach().numpy()[shape_ids.numpy()])
         if external is not None:
             parts.append(external.numpy())
         inputs = numpy.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
