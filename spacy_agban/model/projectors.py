@@ -137,6 +137,8 @@ class TextProjector(nn.Module):
         if static_width and self.word_embed is not None:
             nn.init.zeros_(self.word_embed.weight)
         self.chars = CharBiLSTM(n_chars, char_dim, char_hidden) if char_dim else None
+        if shape_dim and n_shapes < 2:
+            raise ValueError(f"shape_dim = {shape_dim} needs n_shapes >= 2 (padding + shapes), got {n_shapes}")
         self.shapes = nn.Embedding(n_shapes, shape_dim, padding_idx=0) if shape_dim else None
         in_width = word_dim + (self.chars.width if self.chars else 0) + shape_dim + external_width
         if in_width == 0:
