@@ -157,7 +157,7 @@ def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> M
     )
     model.attrs["featurizer"] = Featurizer(
         sizes["words"] if words_on else [], sizes["static_width"] if words_on else 0,
-        sizes["unit_dims"], a["max_word_chars"],
+        sizes["unit_dims"], a["max_word_chars"], shapes=a["shape_dim"] > 0,
     )
     # in-place optimizer steps: thinc's own shim leaks a tensor per parameter per step,
     # which fragments the heap until RSS grows without bound (see shim.py)

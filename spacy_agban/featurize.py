@@ -71,14 +71,16 @@ class Featurizer:
         static_width: int,
         unit_dims: Dict[str, int],
         max_word_chars: int,
+        shapes: bool = False,
     ):
         self.words = list(words)
         self._row_of: Dict[str, int] = {w: i + 1 for i, w in enumerate(self.words)}
         self.static_width = static_width
         self.unit_dims = dict(unit_dims)
         self.max_word_chars = max_word_chars
+        self.shapes = shapes  # word-shape ids only for a model that embeds them
         self._key_cache: Dict[int, int] = {}  # lowercase key -> word row
-        self._char_cache: Dict[int, numpy.ndarray] = {}  # exact key -> char ids, length, shape
+        self._form_cache: Dict[int, numpy.ndarray] = {}  # exact key -> char ids, length, shape
 
     def word_row(self, token_lower: str) -> int:
         """Row of the trainable table; 0 for padding and words not seen in training."""
@@ -114,8 +116,11 @@ class Featurizer:
             vectors[token_mask] = batch_static_vectors(docs[0].vocab, lower, self.static_width)
         chars = numpy.zeros((n_docs, max_len, self.max_word_chars), dtype="int64")
         char_lengths = numpy.zeros((n_docs, max_len), dtype="int64")
-        shapes = numpy.zeros((n_docs, max_len), dtype="int64")
-        chars[token_mask], char_lengths[token_mask], shapes[token_mask] = self._form_rows(orth, strings)
+        shapes = numpy.zeros((n_docs, max_len), dtype="int64") if self.shapes else None
+        form_chars, form_lengths, form_shapes = self._form_rows(orth, strings)
+        chars[token_mask], char_lengths[token_mask] = form_chars, form_lengths
+        if shapes is not None:
+            shapes[token_mask] = form_shapes
         gold = numpy.zeros((n_docs, max_len), dtype="int64")
         if tags is not None:
             gold[token_mask] = numpy.concatenate([numpy.asarray(t, dtype="int64") for t in tags])
@@ -149,8 +154,9 @@ class Featurizer:
         return numpy.asarray(rows, dtype="int64")
 
     def _form_rows(self, orth: numpy.ndarray, strings):
-        """(N, max_word_chars) char ids, (N,) lengths and (N,) shapes of N tokens, by exact form."""
-        cache = self._char_cache
+        """(N, max_word_chars) char ids, (N,) lengths and (N,) shapes (0 with shapes off)
+        of N tokens, by exact form."""
+        cache = self._form_cache
         if len(cache) > _MAX_CACHE:
             cache.clear()
         rows = []
@@ -162,7 +168,7 @@ class Featurizer:
                 row = cache[key] = numpy.zeros((self.max_word_chars + 2,), dtype="int64")
                 row[: len(ids)] = ids
                 row[-2] = len(ids)
-                row[-1] = word_shape(text)
+                row[-1] = word_shape(text) if self.shapes else 0
             rows.append(row)
         stacked = numpy.stack(rows)
         return stacked[:, :-2], stacked[:, -2], stacked[:, -1]

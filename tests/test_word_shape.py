@@ -40,14 +40,15 @@ def test_featurizer_gives_each_token_its_shape_and_zero_on_padding():
     vocab = spacy.blank("en").vocab
     docs = [Doc(vocab, words=["I", "love", "Paris"]),
             Doc(vocab, words=["@Obama", "at", "#NYC", "with", "iPhone"])]
-    arrays = Featurizer([], 0, {}, max_word_chars=20)(docs, [None, None])
+    assert Featurizer([], 0, {}, max_word_chars=20)(docs, [None, None])["shape_ids"] is None
+    arrays = Featurizer([], 0, {}, max_word_chars=20, shapes=True)(docs, [None, None])
     expected_first = [shape("title"), shape("lower"), shape("title")]
     assert arrays["shape_ids"][0].tolist() == expected_first + [0, 0]
     assert arrays["shape_ids"][1].tolist() == [
         shape("title", "@"), shape("lower"), shape("upper", "#"), shape("lower"), shape("mixed"),
     ]
     # the cache keyed by form gives the same ids the second time
-    again = Featurizer([], 0, {}, max_word_chars=20)
+    again = Featurizer([], 0, {}, max_word_chars=20, shapes=True)
     again(docs, [None, None])
     assert numpy.array_equal(again(docs, [None, None])["shape_ids"], arrays["shape_ids"])
 
