@@ -100,16 +100,23 @@ def main(
                                       "step": last_step(jsonls[name], logs / f"{name}.log"), "rss_mb": round(rss_mb(proc.pid), 1)})
         write(out, samples, procs)
         time.sleep(every)
-    write(out, samples, procs)
+    # the last sample can predate the last evaluations: the summary reads the logs once more
+    final_steps = {name: last_step(jsonls[name], logs / f"{name}.log") for name in procs}
+    write(out, samples, procs, final_steps)
     for name, proc in procs.items():
         peak = max((s["rss_mb"] for s in samples[name]), default=0.0)
-        step = last_step(jsonls[name], logs / f"{name}.log")
-        typer.echo(f"{name}: exit {proc.returncode}, peak RSS {peak:.0f} MB, last step {step}")
+        typer.echo(f"{name}: exit {proc.returncode}, peak RSS {peak:.0f} MB, last step {final_steps[name]}")
 
 
-def write(out: Path, samples: Dict[str, List[Dict[str, float]]], procs: Dict[str, subprocess.Popen]) -> None:
+def write(out: Path, samples: Dict[str, List[Dict[str, float]]], procs: Dict[str, subprocess.Popen],
+          final_steps: Optional[Dict[str, Optional[int]]] = None) -> None:
+    def step_of(name: str, rows: List[Dict[str, float]]) -> Optional[int]:
+        if final_steps is not None and final_steps.get(name) is not None:
+            return final_steps[name]
+        return next((s["step"] for s in reversed(rows) if s["step"] is not None), None)
+
     summary = {name: {"peak_rss_mb": max((s["rss_mb"] for s in rows), default=0.0),
-                      "last_step": next((s["step"] for s in reversed(rows) if s["step"] is not None), None),
+                      "last_step": step_of(name, rows),
                       "returncode": procs[name].returncode}
                for name, rows in samples.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
