@@ -84,8 +84,8 @@ def make_agban(
     """Multimodal NER (AGBAN): reads ``doc._.image`` / ``doc._.image_caption``.
 
     learn_rate_scale: this component's learning rate relative to the optimizer's
-    (spaCy has one optimizer for the pipeline): e.g. 20 to train the AGBAN head at
-    1e-3 on top of a transformer fine-tuned at 5e-5.
+    (spaCy has one optimizer for the pipeline): e.g. 33.3 to train the AGBAN head at
+    1e-3 on top of a transformer fine-tuned at 3e-5.
     bio_constraints: decode valid BIO sequences only (an I- tag only after the B- or
     I- of its label). Prediction only: switch it on or off for a trained pipeline with
     ``spacy.load(path, config={"components": {"agban": {"bio_constraints": True}}})``.
