@@ -51,7 +51,9 @@ def length_batches(lengths: numpy.ndarray, max_pieces: int) -> List[numpy.ndarra
     return groups
 
 
-def encode_by_length(hf_model: torch.nn.Module, wordpieces, max_pieces: int = 0) -> Any:
+def encode_by_length(
+    hf_model: torch.nn.Module, wordpieces, max_pieces: int = 0, mean_last_layers: int = 1
+) -> Any:
     """The Hugging Face model's output for a ``WordpieceBatch``, computed by length.
 
     Same fields and shapes as one call on the whole padded batch; the rows are the same
@@ -59,6 +61,9 @@ def encode_by_length(hf_model: torch.nn.Module, wordpieces, max_pieces: int = 0)
     result, so cutting padding changes nothing else). Padding positions hold zeros
     (the alignment never reads them). Needs right padding; a left-padded batch is
     encoded in one call.
+
+    mean_last_layers > 1: the output is ``last_hidden_state`` alone, the mean of the
+    last that many hidden states (:func:`mean_of_last_layers`), taken per sub-batch.
     """
     device = next(hf_model.parameters()).device
     if not max_pieces:
@@ -74,25 +79,56 @@ def encode_by_length(hf_model: torch.nn.Module, wordpieces, max_pieces: int = 0)
     lengths = mask.sum(axis=1)
     right_padded = bool((mask == (numpy.arange(width)[None, :] < lengths[:, None])).all())
     config = getattr(hf_model, "config", None)
-    per_layer = bool(getattr(config, "output_hidden_states", False) or getattr(config, "output_attentions", False))
+    # per-layer outputs other than the mean are not merged by row: one call then
+    per_layer = bool(
+        getattr(config, "output_attentions", False)
+        or (getattr(config, "output_hidden_states", False) and mean_last_layers <= 1)
+    )
     whole = not right_padded or n_rows <= 1 or per_layer
     was_training = hf_model.training
     hf_model.eval()
     try:
         with torch.inference_mode():
             if whole:
-                return hf_model(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()})
+                output = hf_model(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()})
+                return mean_of_last_layers(output, mean_last_layers)
             parts = []
             for rows in length_batches(lengths, max_pieces):
                 longest = max(1, int(lengths[rows].max()))
-                part = hf_model(**{
+                part = mean_of_last_layers(hf_model(**{
                     k: torch.from_numpy(numpy.ascontiguousarray(v[rows, :longest])).to(device)
                     for k, v in inputs.items()
-                })
+                }), mean_last_layers)
                 parts.append((torch.from_numpy(rows).to(device), longest, part))
             return _merge(parts, n_rows, width)
     finally:
         hf_model.train(was_training)
+
+
+def mean_of_last_layers(output: Any, n: int) -> Any:
+    """The model output with ``last_hidden_state`` the mean of the last ``n`` hidden states
+    (and no other field); ``n`` <= 1: the output unchanged.
+
+    The last layers of a sentence-embedding encoder are tuned for the pooled sentence
+    vector; the layers below keep more of each word (the feature-based BERT tagger used
+    the last four). Needs ``output_hidden_states`` in the model's config.
+    """
+    if n <= 1:
+        return output
+    hidden = getattr(output, "hidden_states", None)
+    if hidden is None:
+        raise ValueError(
+            "mean_last_layers > 1 needs the encoder's hidden states: set "
+            "output_hidden_states = true in the transformer_config."
+        )
+    if n > len(hidden):
+        raise ValueError(
+            f"mean_last_layers = {n}, but the encoder gives {len(hidden)} hidden states "
+            "(its layers and the embeddings)."
+        )
+    from transformers.modeling_outputs import BaseModelOutput  # only the transformer path needs it
+
+    return BaseModelOutput(last_hidden_state=torch.stack(hidden[-n:]).mean(dim=0))
 
 
 def _merge(parts: List[Tuple[torch.Tensor, int, Any]], n_rows: int, width: int) -> Any:

@@ -29,7 +29,7 @@ from thinc.api import Model
 from thinc.types import Floats2d, Ragged
 from transformers import PreTrainedTokenizerFast
 
-from .fast_inference import encode_by_length, use_reference
+from .fast_inference import encode_by_length, mean_of_last_layers, use_reference
 from .shim import with_in_place_updates
 
 
@@ -109,7 +109,7 @@ def _forward(model: Model, docs: List[Doc], is_train: bool) -> Tuple[List[Floats
 
 @dataclass(frozen=True)
 class CaptionInput:
-    """How the caption joins the transformer's input.
+    """How the caption joins the transformer's input, and which layers give the features.
 
     Kept as one object in the model's attrs: thinc serializes plain attrs with the
     weights (and would restore them over the config when a pipeline is loaded); this
@@ -119,6 +119,8 @@ class CaptionInput:
     enabled: bool = True
     dropout: float = 0.0
     max_pieces: Optional[int] = None
+    # the token features: the mean of the encoder's last this many hidden states
+    mean_last_layers: int = 1
 
     def caption_for(self, doc: Doc, is_train: bool) -> Optional[str]:
         """The caption to feed with ``doc``: None if off, absent, blank or dropped in training."""
@@ -191,6 +193,7 @@ def create_caption_transformer_model(
     caption_in_input: bool = True,
     caption_dropout: float = 0.0,
     caption_max_pieces: Optional[int] = 64,
+    mean_last_layers: int = 1,
 ) -> Model[List[Doc], FullTransformerBatch]:
     """``spacy-transformers.TransformerModel.v3`` with ``doc._.image_caption`` after the post.
 
@@ -199,12 +202,20 @@ def create_caption_transformer_model(
         model also learns to tag posts without one); never applied at prediction.
     caption_max_pieces: at most this many caption word pieces (null: up to the model's
         maximum length after the post's pieces).
+    mean_last_layers: the token features are the mean of the encoder's last this many
+        hidden states (the embeddings count as one); 1: the last layer, as v3.
     """
     if not 0.0 <= caption_dropout <= 1.0:
         raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
     if caption_max_pieces is not None and caption_max_pieces < 1:
         raise ValueError(f"caption_max_pieces must be >= 1 or null, got {caption_max_pieces}")
-    settings = CaptionInput(bool(caption_in_input), float(caption_dropout), caption_max_pieces)
+    if mean_last_layers < 1:
+        raise ValueError(f"mean_last_layers must be >= 1, got {mean_last_layers}")
+    if mean_last_layers > 1:  # the encoder must return every layer's states
+        transformer_config = {**transformer_config, "output_hidden_states": True}
+    settings = CaptionInput(
+        bool(caption_in_input), float(caption_dropout), caption_max_pieces, int(mean_last_layers)
+    )
     return CaptionTransformerModel(
         name, get_spans, settings,
         tokenizer_config=tokenizer_config, transformer_config=transformer_config,
@@ -226,7 +237,7 @@ def _caption_forward(
     captions = [settings.caption_for(doc, is_train) for doc in docs]
     tokenizer = model.tokenizer
     fast_predict = not is_train and not use_reference() and _can_predict_by_length(model)
-    if not any(captions) and not fast_predict:
+    if not any(captions) and not fast_predict and settings.mean_last_layers == 1:
         return transformer_forward(model, docs, is_train)
     nested_spans = model.attrs["get_spans"](docs)
     flat_spans: List[Span] = []
@@ -244,10 +255,18 @@ def _caption_forward(
     align = get_alignment_via_offset_mapping(flat_spans, encoding["offset_mapping"])
     wordpieces, align = truncate_oversize_splits(wordpieces, align, tokenizer.model_max_length)
     if fast_predict:
-        model_output = encode_by_length(model.layers[0].shims[0]._model, wordpieces)
+        model_output = encode_by_length(
+            model.layers[0].shims[0]._model, wordpieces, mean_last_layers=settings.mean_last_layers
+        )
         bp_tensors: Optional[Callable] = None
     else:
         model_output, bp_tensors = model.layers[0](wordpieces, is_train)
+        if settings.mean_last_layers > 1:
+            mixed = mean_of_last_layers(model_output, settings.mean_last_layers)
+            # the stock backprop (_convert_transformer_outputs) sends the listener's gradient
+            # into model_output.last_hidden_state, read when it runs: make that the mean
+            model_output["last_hidden_state"] = mixed.last_hidden_state
+            model_output = mixed
     output = FullTransformerBatch(
         spans=nested_spans, wordpieces=wordpieces, model_output=model_output, align=align
     )
