@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,13 @@ import typer
 from .paths import ROOT
 
 app = typer.Typer(add_completion=False)
+
+
+def _interruptible() -> None:
+    """In the child, before exec: SIGINT back to its default. A job started with ``&``
+    from a script ignores SIGINT, and Python keeps an ignored SIGINT ignored; a training
+    stopped by hand with SIGINT must still save its pipeline (spaCy does on Ctrl+C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def rss_mb(pid: int) -> float:
@@ -90,7 +98,9 @@ def main(
         cmd = [sys.executable, "-m", "spacy_agban", "train", *shlex.split(args),
                "--training.logger.output_file", str(jsonls[name])]
         log = (logs / f"{name}.log").open("w")
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, preexec_fn=_interruptible
+        )
     samples: Dict[str, List[Dict[str, float]]] = {name: [] for name in procs}
     start = time.time()
     while any(p.poll() is None for p in procs.values()):

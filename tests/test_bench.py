@@ -1,6 +1,10 @@
 """Benchmarks: the baseline's vector lookup survives reloading, the fast inference path
 equals a plain per-token reference, and the quality/speed reports are built from what was
 measured."""
+import signal
+import subprocess
+import sys
+
 import numpy
 import pytest
 import srsly
@@ -13,7 +17,7 @@ from torchcrf import CRF
 
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
 from spacy_agban.baseline import STATIC_VECTORS
-from benchmarks import bio_constraints_choice, dev_curves, quality, shuffled_captions, speed
+from benchmarks import bio_constraints_choice, dev_curves, quality, shuffled_captions, speed, train_memory
 from spacy_agban.featurize import Featurizer, batch_static_vectors, char_ids
 from spacy_agban.model.crf import viterbi_decode
 from spacy_agban.visual_units import DocUnits
@@ -313,3 +317,20 @@ def test_bio_constraints_report_gives_each_change_and_their_mean():
     text = bio_constraints_choice.report(results)
     assert "| `a` | 70.00 | 71.00 | +1.00 | 69.00 | 69.00 | +0.00 |" in text
     assert "| mean change (2 models) | | | **+0.50** | | | **-1.00** |" in text
+
+
+def test_a_training_started_by_train_memory_can_be_stopped_with_sigint():
+    """Started from a background job (SIGINT ignored), the child still turns SIGINT into
+    KeyboardInterrupt, so spaCy saves the pipeline of a training stopped by hand."""
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        inherited = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        restored = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True,
+            preexec_fn=train_memory._interruptible,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert inherited.stdout.strip() == "False"  # the trap the helper avoids
+    assert restored.stdout.strip() == "True"
