@@ -29,8 +29,10 @@ app = typer.Typer(add_completion=False)
 
 def _interruptible() -> None:
     """In the child, before exec: SIGINT back to its default. A job started with ``&``
-    from a script ignores SIGINT, and Python keeps an ignored SIGINT ignored; a training
-    stopped by hand with SIGINT must still save its pipeline (spaCy does on Ctrl+C)."""
+    from a script ignores SIGINT, and Python keeps an ignored SIGINT ignored. With it, a
+    training stopped by hand with ``kill -INT`` ends as on Ctrl+C: spaCy's ``finally``
+    saves ``model-last`` (SIGTERM ends it without); ``model-best`` is as written at the best
+    evaluation. The log gets no "Saved pipeline" line either way."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

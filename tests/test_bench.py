@@ -321,7 +321,7 @@ def test_bio_constraints_report_gives_each_change_and_their_mean():
 
 def test_a_training_started_by_train_memory_can_be_stopped_with_sigint():
     """Started from a background job (SIGINT ignored), the child still turns SIGINT into
-    KeyboardInterrupt, so spaCy saves the pipeline of a training stopped by hand."""
+    KeyboardInterrupt, so spaCy's training loop saves model-last when stopped by hand."""
     probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
