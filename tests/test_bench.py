@@ -17,7 +17,9 @@ from torchcrf import CRF
 
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
 from spacy_agban.baseline import STATIC_VECTORS
-from benchmarks import bio_constraints_choice, dev_curves, quality, shuffled_captions, speed, train_memory
+from benchmarks import (
+    bio_constraints_choice, dev_curves, quality, seed_ensemble, shuffled_captions, speed, train_memory,
+)
 from spacy_agban.featurize import Featurizer, batch_static_vectors, char_ids
 from spacy_agban.model.crf import viterbi_decode
 from spacy_agban.visual_units import DocUnits
@@ -334,3 +336,33 @@ def test_a_training_started_by_train_memory_can_be_stopped_with_sigint():
         signal.signal(signal.SIGINT, previous)
     assert inherited.stdout.strip() == "False"  # the trap the helper avoids
     assert restored.stdout.strip() == "True"
+
+
+def test_seed_ensemble_keeps_the_spans_most_members_predict():
+    members = [
+        [[(0, 1, "PER"), (3, 5, "LOC")], []],
+        [[(0, 1, "PER"), (3, 5, "ORG")], [(2, 3, "MISC")]],
+        [[(0, 2, "PER"), (3, 5, "LOC")], [(2, 3, "MISC")]],
+    ]
+    # same boundaries with another label is another span: it gets no majority
+    assert seed_ensemble.vote(members, 2) == [[(0, 1, "PER"), (3, 5, "LOC")], [(2, 3, "MISC")]]
+    assert seed_ensemble.vote(members, 3) == [[], []]
+    # with an even count two kept spans may overlap: the one with more votes wins
+    tied = [[[(0, 2, "ORG")]], [[(0, 2, "ORG")]], [[(1, 3, "LOC")]], [[(1, 3, "LOC")]], [[(0, 2, "ORG")]]]
+    assert seed_ensemble.vote(tied, 2) == [[(0, 2, "ORG")]]
+
+
+def test_seed_ensemble_scores_spans_as_spacy_does(tmp_path):
+    nlp = spacy.blank("en")
+    doc = nlp.make_doc("Kevin Durant plays in Oklahoma City tonight")
+    doc.ents = [doc.char_span(0, 12, label="PER"), doc.char_span(22, 35, label="LOC")]
+    path = tmp_path / "refs.spacy"
+    DocBin(docs=[doc], store_user_data=True).to_disk(path)
+    # spans in characters: the members' tokens need not be the references'
+    assert seed_ensemble.score(path, [[(0, 12, "PER"), (22, 35, "LOC")]])["ents_f"] == pytest.approx(100.0)
+    half = seed_ensemble.score(path, [[(0, 12, "PER"), (22, 35, "ORG")]])
+    assert (half["ents_p"], half["ents_r"]) == (pytest.approx(50.0), pytest.approx(50.0))
+    with pytest.raises(ValueError, match="token boundaries"):
+        seed_ensemble.score(path, [[(0, 8, "PER")]])
+    with pytest.raises(ValueError):  # a post short: predictions and references out of step
+        seed_ensemble.score(path, [])
