@@ -21,37 +21,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import srsly  # noqa: E402
 import typer  # noqa: E402
 
+from . import decoding_choice  # noqa: E402
 from .paths import ROOT, relative  # noqa: E402
 
 app = typer.Typer(add_completion=False)
-COLUMNS = ("with_context", "without_context")
+COLUMNS = decoding_choice.COLUMNS
 SETTINGS = ("off", "on")
 
 
 def score_model(model: Path, data: Path, component: str = "agban", batch_size: int = 64) -> Dict[str, Dict]:
     """{column: {setting: {ents_p, ents_r, ents_f}}} on ``data``."""
-    import spacy
-    from spacy.training import Example
-
-    import spacy_agban  # noqa: F401
-    from spacy_agban.docs_io import fresh_doc, read_references
-
-    nlp = spacy.load(model)
-    pipe = nlp.get_pipe(component)
-    references = list(read_references(nlp, data))
-    result: Dict[str, Dict] = {}
-    for column in COLUMNS:
-        fresh = [fresh_doc(nlp, ref, column == "with_context") for ref in references]
-        featurized = list(nlp.pipe(fresh, batch_size=batch_size, disable=[component]))
-        result[column] = {}
-        for setting in SETTINGS:
-            pipe.bio_constraints = setting == "on"
-            docs = list(pipe.pipe([doc.copy() for doc in featurized], batch_size=batch_size))
-            # the pipe's own scorer, as nlp.evaluate (and so spacy evaluate) scores it
-            scores = pipe.score([Example(d, r) for d, r in zip(docs, references)])
-            result[column][setting] = {k: scores[k] for k in ("ents_p", "ents_r", "ents_f")}
-            typer.echo(f"  {relative(model)} {column} {setting}: F1 {100 * scores['ents_f']:.2f}")
-    return result
+    scored = decoding_choice.score_values(model, data, "bio_constraints", [False, True], component, batch_size)
+    return {column: {setting: scored[column][str(value)] for setting, value in zip(SETTINGS, (False, True))}
+            for column in COLUMNS}
 
 
 def report(results: Dict[str, Dict]) -> str:

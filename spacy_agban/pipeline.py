@@ -65,6 +65,7 @@ OUTSIDE = "O"
         "record_attention": False,
         "learn_rate_scale": 1.0,
         "bio_constraints": False,
+        "min_confidence": 0.0,
         "scorer": {"@scorers": "spacy.ner_scorer.v1"},
     },
     default_score_weights={"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None},
@@ -79,6 +80,7 @@ def make_agban(
     record_attention: bool,
     learn_rate_scale: float,
     bio_constraints: bool,
+    min_confidence: float,
     scorer: Optional[Callable],
 ) -> "AGBANRecognizer":
     """Multimodal NER (AGBAN): reads ``doc._.image`` / ``doc._.image_caption``.
@@ -90,6 +92,9 @@ def make_agban(
     I- of its label). Prediction only: switch it on or off for a trained pipeline with
     ``spacy.load(path, config={"components": {"agban": {"bio_constraints": True}}})``.
     Off by default, so that pipelines saved before it existed tag as they did.
+    min_confidence: tag O every entity one of whose tokens has a CRF marginal
+    probability of its decoded tag below this (0 keeps every entity of the Viterbi
+    sequence). Prediction only, like bio_constraints; 0 by default for the same reason.
     """
     # only inside `spacy evaluate`, which reads its data with spaCy's own Corpus after
     # loading the pipeline: nothing global changes otherwise (see corpus.py)
@@ -98,7 +103,7 @@ def make_agban(
         nlp.vocab, model, name,
         caption_units=caption_units, object_units=object_units, max_words=max_words,
         record_attention=record_attention, learn_rate_scale=learn_rate_scale,
-        bio_constraints=bio_constraints, scorer=scorer,
+        bio_constraints=bio_constraints, min_confidence=min_confidence, scorer=scorer,
     )
 
 
@@ -144,10 +149,15 @@ class AGBANRecognizer(TrainablePipe):
         record_attention: bool = False,
         learn_rate_scale: float = 1.0,
         bio_constraints: bool = False,
+        min_confidence: float = 0.0,
         scorer: Optional[Callable] = get_ner_prf,
     ):
         if not learn_rate_scale > 0:
             raise ValueError(f"learn_rate_scale must be > 0, got {learn_rate_scale}")
+        if not 0.0 <= min_confidence < 1.0:
+            raise ValueError(
+                f"min_confidence must be in [0, 1) (a probability; 0 keeps every entity), got {min_confidence}"
+            )
         for arg, source, kind in (
             ("caption_units", caption_units, UnitSource),
             ("object_units", object_units, ObjectUnitSource),
@@ -165,6 +175,7 @@ class AGBANRecognizer(TrainablePipe):
         self.record_attention = record_attention
         self.learn_rate_scale = learn_rate_scale
         self.bio_constraints = bio_constraints
+        self.min_confidence = min_confidence
         self.scorer = scorer
         self.cfg: Dict[str, Any] = {
             "labels": [], "words": [], "static_width": 0, "unit_dims": {}, "max_words": max_words,
@@ -324,7 +335,9 @@ class AGBANRecognizer(TrainablePipe):
         if not index:
             return predictions
         # set on every call: the torch module is rebuilt by initialize and by loading
-        get_module(self.model).output.bio_constraints = bool(self.bio_constraints)
+        output = get_module(self.model).output
+        output.bio_constraints = bool(self.bio_constraints)
+        output.min_confidence = float(self.min_confidence)
         out = self.model.predict(([docs[i] for i in index], [units[i] for i in index], None))
         tags = self.tags
         for row, i in enumerate(index):

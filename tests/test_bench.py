@@ -18,7 +18,7 @@ from torchcrf import CRF
 import spacy_agban.baseline  # noqa: F401  (registers the baseline's embedding)
 from spacy_agban.baseline import STATIC_VECTORS
 from benchmarks import (
-    bio_constraints_choice, dev_curves, quality, seed_ensemble, shuffled_captions, speed, train_memory,
+    bio_constraints_choice, decoding_choice, dev_curves, quality, seed_ensemble, shuffled_captions, speed, train_memory,
 )
 from spacy_agban.featurize import Featurizer, batch_static_vectors, char_ids
 from spacy_agban.model.crf import viterbi_decode
@@ -366,3 +366,20 @@ def test_seed_ensemble_scores_spans_as_spacy_does(tmp_path):
         seed_ensemble.score(path, [[(0, 8, "PER")]])
     with pytest.raises(ValueError):  # a post short: predictions and references out of step
         seed_ensemble.score(path, [])
+
+
+def test_decoding_choice_reports_each_value_and_the_best_mean():
+    def column(*f1s):
+        return {v: {"ents_f": f} for v, f in zip(("0.0", "0.5"), f1s)}
+
+    results = {
+        "a": {"with_context": column(0.70, 0.72), "without_context": column(0.69, 0.70)},
+        "b": {"with_context": column(0.72, 0.71), "without_context": column(0.70, 0.70)},
+    }
+    text = decoding_choice.report(results, ["0.0", "0.5"])
+    assert "| `a` | 70.00 | 69.00 | 72.00 | 70.00 |" in text
+    assert "| mean (2 models) | 71.00 | 69.50 | 71.50 | 70.00 |" in text
+    assert "0.0: 70.25, 0.5: 70.75. Best: **0.5**." in text
+    assert [decoding_choice.parse_value(v) for v in ("true", "False", "0.45")] == [True, False, 0.45]
+    with pytest.raises(ValueError):
+        decoding_choice.parse_value("half")

@@ -43,8 +43,9 @@ class CRFOutput(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.emissions = nn.Linear(width, n_tags)
         self.crf = CRF(n_tags, batch_first=True)
-        # decoding only (not a weight, not saved): the pipe sets it from its config
+        # decoding only (not weights, not saved): the pipe sets them from its config
         self.bio_constraints = False
+        self.min_confidence = 0.0
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         return self.emissions(self.dropout(features))
@@ -71,34 +72,67 @@ class CRFOutput(nn.Module):
         (whitespace: spaCy never puts an entity on it); the constraint is part of the
         search, so an entity around such a token is re-decoded, never cut afterwards.
         With ``bio_constraints`` on, the search also skips invalid BIO sequences
-        (:func:`bio_penalties`).
+        (:func:`bio_penalties`). With ``min_confidence`` above 0, an entity of the best
+        sequence whose least sure token has a marginal probability of its decoded tag
+        below it is tagged O (:func:`drop_unsure_entities`).
         """
         scores = self.scores(features)
         crf = self.crf
-        if scores.device.type == "cpu" and scores.dtype == torch.float32 and not use_reference():
-            # numpy: the same float32 sums and first-max ties, without torch's per-op cost
-            # (a tweet is ~20 steps of 9 x 9 tags, where that cost is most of the time)
-            only = outside_only.numpy() if outside_only is not None else None
-            start, transitions = crf.start_transitions.detach().numpy(), crf.transitions.detach().numpy()
-            if self.bio_constraints:
-                start_penalty, transition_penalty = bio_penalties(len(start))
-                start, transitions = start + start_penalty, transitions + transition_penalty
-            return viterbi_decode_numpy(
-                scores.detach().numpy(), mask.numpy(), start, transitions,
-                crf.end_transitions.detach().numpy(), only,
-            )
-        if outside_only is not None and bool(outside_only.any()):
-            forbidden = torch.zeros_like(scores, dtype=torch.bool)
-            forbidden[..., OUTSIDE_TAG + 1:] = outside_only.unsqueeze(-1)
-            scores = scores.masked_fill(forbidden, torch.finfo(scores.dtype).min / 4)
-        start, transitions = crf.start_transitions, crf.transitions
+        start, transitions, end = crf.start_transitions, crf.transitions, crf.end_transitions
         if self.bio_constraints:
             start_penalty, transition_penalty = (
                 torch.from_numpy(p).to(device=scores.device, dtype=scores.dtype)
                 for p in bio_penalties(len(start))
             )
             start, transitions = start + start_penalty, transitions + transition_penalty
-        return viterbi_decode(scores, mask, start, transitions, crf.end_transitions)
+        if outside_only is not None and bool(outside_only.any()):
+            forbidden = torch.zeros_like(scores, dtype=torch.bool)
+            forbidden[..., OUTSIDE_TAG + 1:] = outside_only.unsqueeze(-1)
+            scores = scores.masked_fill(forbidden, torch.finfo(scores.dtype).min / 4)
+        if scores.device.type == "cpu" and scores.dtype == torch.float32 and not use_reference():
+            # numpy: the same float32 sums and first-max ties, without torch's per-op cost
+            # (a tweet is ~20 steps of 9 x 9 tags, where that cost is most of the time)
+            tags = viterbi_decode_numpy(
+                scores.detach().numpy(), mask.numpy(), start.detach().numpy(),
+                transitions.detach().numpy(), end.detach().numpy(),
+            )
+        else:
+            tags = viterbi_decode(scores, mask, start, transitions, end)
+        if self.min_confidence > 0:
+            with torch.no_grad():
+                marginals = crf_log_marginals(scores, mask, start, transitions, end).exp()
+            tags = drop_unsure_entities(tags, marginals.float().cpu().numpy(), self.min_confidence)
+        return tags
+
+
+def drop_unsure_entities(tags: List[List[int]], marginals: numpy.ndarray, min_confidence: float) -> List[List[int]]:
+    """The tag sequences with every entity whose least sure token is below
+    ``min_confidence`` tagged O.
+
+    An entity is read as the pipe's ``bio_spans`` reads it: it starts at any tag but O
+    (a stray I- too) and runs over the I- tags of its label that follow; its
+    confidence is the smallest marginal probability, over its tokens, of the tag
+    each was decoded with (marginals (B, T, K) from :func:`crf_log_marginals`). The
+    Viterbi sequence is the most probable as a whole, but a token of it can still
+    be more likely another tag: where that is so the entity is a guess, and dropping
+    such guesses trades recall for precision (chosen on dev, see the pipe's config).
+    Dropping a whole entity leaves a valid BIO sequence.
+    """
+    result = []
+    for row, probs in zip(tags, marginals):
+        row = list(row)
+        position, n = 0, len(row)
+        while position < n:
+            tag, stop = row[position], position + 1
+            if tag != OUTSIDE_TAG:
+                inside = tag + 1 if (tag - OUTSIDE_TAG) % 2 == 1 else tag  # B-x -> I-x; a stray I-x
+                while stop < n and row[stop] == inside:
+                    stop += 1
+                if min(probs[t, row[t]] for t in range(position, stop)) < min_confidence:
+                    row[position:stop] = [OUTSIDE_TAG] * (stop - position)
+            position = stop
+        result.append(row)
+    return result
 
 
 def crf_log_marginals(
