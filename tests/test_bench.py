@@ -380,6 +380,7 @@ def test_decoding_choice_reports_each_value_and_the_best_mean():
     assert "| `a` | 70.00 | 69.00 | 72.00 | 70.00 |" in text
     assert "| mean (2 models) | 71.00 | 69.50 | 71.50 | 70.00 |" in text
     assert "0.0: 70.25, 0.5: 70.75. Best: **0.5**." in text
+    assert "Best" not in decoding_choice.report(results, ["0.0", "0.5"], choice=False)
     assert [decoding_choice.parse_value(v) for v in ("true", "False", "0.45")] == [True, False, 0.45]
     with pytest.raises(ValueError):
         decoding_choice.parse_value("half")
