@@ -73,7 +73,8 @@ def report(results: Dict[str, Dict], values: List[str], choice: bool = True) -> 
         lines.append(f"| `{model}` | " + " | ".join(cells) + " |")
     if results:
         means = [statistics.mean(100 * r[c][v]["ents_f"] for r in results.values()) for v in values for c in COLUMNS]
-        lines.append(f"| mean ({len(results)} models) | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+        label = f"{len(results)} model{'s' if len(results) > 1 else ''}"
+        lines.append(f"| mean ({label}) | " + " | ".join(f"{m:.2f}" for m in means) + " |")
         best = max(values, key=lambda v: mean_f1(results, v))
         lines.append("")
         lines.append(f"Mean of the two columns over the models: "
