@@ -99,9 +99,11 @@ class CRFOutput(nn.Module):
         else:
             tags = viterbi_decode(scores, mask, start, transitions, end)
         if self.min_confidence > 0:
-            with torch.no_grad():
-                marginals = crf_log_marginals(scores, mask, start, transitions, end).exp()
-            tags = drop_unsure_entities(tags, marginals.float().cpu().numpy(), self.min_confidence)
+            with torch.no_grad():  # in float32: half precision would overflow the masks' floors
+                marginals = crf_log_marginals(
+                    scores.float(), mask, start.float(), transitions.float(), end.float()
+                ).exp()
+            tags = drop_unsure_entities(tags, marginals.cpu().numpy(), self.min_confidence)
         return tags
 
 
