@@ -26,13 +26,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import srsly  # noqa: E402
 import typer  # noqa: E402
 
+from . import decoding_choice  # noqa: E402
 from .paths import ROOT, relative  # noqa: E402
 
 if TYPE_CHECKING:
     from spacy.language import Language
 
 app = typer.Typer(add_completion=False)
-COLUMNS = ("with_context", "without_context")
+COLUMNS = decoding_choice.COLUMNS
 Span = Tuple[int, int, str]  # start character, end character, label: the pipelines' tokens may differ from the references'
 
 

@@ -1,6 +1,8 @@
 """Decoding valid BIO sequences only: the penalties' layout, both Viterbi paths, and the
-pipe's ``bio_constraints`` setting (off by default, switchable on a loaded pipeline)."""
+pipe's prediction-only settings (``bio_constraints``, ``min_confidence``: off by default,
+switchable on a loaded pipeline)."""
 import numpy
+import pytest
 import spacy
 import torch
 
@@ -79,18 +81,20 @@ def test_constrained_decoding_changes_only_invalid_paths():
             assert constrained == plain
 
 
-def test_pipe_setting_reaches_the_decoder_and_can_be_switched_on_a_loaded_pipeline(tmp_path):
+@pytest.mark.parametrize("setting,default,value", [("bio_constraints", False, True), ("min_confidence", 0.0, 0.5)])
+def test_prediction_settings_reach_the_decoder_and_can_be_set_on_a_loaded_pipeline(tmp_path, setting, default, value):
+    """The pipe's prediction-only settings (this file's and test_min_confidence's)."""
     nlp = make_nlp()
     examples = make_examples(nlp, CAPTION_POSTS)
     optimizer = nlp.initialize(lambda: examples)
     nlp.update(examples, sgd=optimizer)
     pipe = nlp.get_pipe("agban")
-    assert pipe.bio_constraints is False
+    assert getattr(pipe, setting) == default
     nlp("A man in Paris")
-    assert get_module(pipe.model).output.bio_constraints is False
+    assert getattr(get_module(pipe.model).output, setting) == default
     nlp.to_disk(tmp_path / "model")
-    loaded = spacy.load(tmp_path / "model", config={"components": {"agban": {"bio_constraints": True}}})
-    assert loaded.get_pipe("agban").bio_constraints is True
+    loaded = spacy.load(tmp_path / "model", config={"components": {"agban": {setting: value}}})
+    assert getattr(loaded.get_pipe("agban"), setting) == value
     loaded("A man in Paris")
-    assert get_module(loaded.get_pipe("agban").model).output.bio_constraints is True
-    assert spacy.load(tmp_path / "model").get_pipe("agban").bio_constraints is False
+    assert getattr(get_module(loaded.get_pipe("agban").model).output, setting) == value
+    assert getattr(spacy.load(tmp_path / "model").get_pipe("agban"), setting) == default

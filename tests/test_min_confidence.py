@@ -1,6 +1,6 @@
 """Dropping unsure entities at decoding: the confidence of an entity (its least sure
 token's marginal probability of the decoded tag), both Viterbi paths, and the pipe's
-``min_confidence`` setting (0 by default, switchable on a loaded pipeline)."""
+``min_confidence`` setting (its bounds; set on a loaded pipeline: test_bio_constraints)."""
 import itertools
 
 import numpy
@@ -8,12 +8,9 @@ import pytest
 import spacy
 import torch
 
-from spacy_agban.architectures import get_module
 from spacy_agban.fast_inference import reference_inference
 from spacy_agban.model.crf import OUTSIDE_TAG, CRFOutput, crf_log_marginals, drop_unsure_entities
 from spacy_agban.pipeline import bio_spans, bio_tags
-
-from conftest import CAPTION_POSTS, make_examples, make_nlp
 
 TAGS = bio_tags(["LOC", "PER"])  # O, B-LOC, I-LOC, B-PER, I-PER
 
@@ -108,20 +105,8 @@ def test_marginals_equal_brute_force_enumeration():
     assert torch.allclose(marginals, expected, atol=1e-5)
 
 
-def test_pipe_setting_reaches_the_decoder_and_can_be_set_on_a_loaded_pipeline(tmp_path):
-    nlp = make_nlp()
-    examples = make_examples(nlp, CAPTION_POSTS)
-    optimizer = nlp.initialize(lambda: examples)
-    nlp.update(examples, sgd=optimizer)
-    pipe = nlp.get_pipe("agban")
-    assert pipe.min_confidence == 0.0
-    nlp("A man in Paris")
-    assert get_module(pipe.model).output.min_confidence == 0.0
-    nlp.to_disk(tmp_path / "model")
-    loaded = spacy.load(tmp_path / "model", config={"components": {"agban": {"min_confidence": 0.5}}})
-    assert loaded.get_pipe("agban").min_confidence == 0.5
-    loaded("A man in Paris")
-    assert get_module(loaded.get_pipe("agban").model).output.min_confidence == 0.5
-    assert spacy.load(tmp_path / "model").get_pipe("agban").min_confidence == 0.0
-    with pytest.raises(ValueError, match="min_confidence must be in"):
-        spacy.load(tmp_path / "model", config={"components": {"agban": {"min_confidence": 1.0}}})
+def test_a_threshold_outside_0_1_is_refused_with_what_it_must_be():
+    # reaching the decoder and setting it on a loaded pipeline: test_bio_constraints
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="min_confidence must be in"):
+            spacy.blank("en").add_pipe("agban", config={"min_confidence": bad})
