@@ -110,3 +110,25 @@ def test_a_threshold_outside_0_1_is_refused_with_what_it_must_be():
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="min_confidence must be in"):
             spacy.blank("en").add_pipe("agban", config={"min_confidence": bad})
+
+
+
+def test_half_precision_decoding_drops_by_float32_marginals():
+    # mixed-precision inference decodes float16 scores; marginals summed in float16 are off by
+    # about 0.01, enough to flip entities near the threshold, so decode computes them in float32
+    rng = numpy.random.default_rng(2)
+    features = torch.from_numpy(rng.normal(size=(16, 12, 4)).astype("float32")).half()
+    mask = torch.arange(12)[None, :] < torch.from_numpy(rng.integers(3, 13, size=16))[:, None]
+    crf = random_crf(2).half()
+    plain = crf.decode(features, mask)
+    with torch.no_grad():
+        scores = crf.scores(features).float()
+        marginals = crf_log_marginals(scores, mask, crf.crf.start_transitions.float(),
+                                      crf.crf.transitions.float(), crf.crf.end_transitions.float()).exp().numpy()
+    flipped = 0
+    for threshold in numpy.arange(0.05, 0.96, 0.005):
+        crf.min_confidence = float(threshold)
+        expected = drop_unsure_entities(plain, marginals, float(threshold))
+        assert crf.decode(features, mask) == expected
+        flipped += expected != plain
+    assert flipped > 0  # the control: the grid drops entities
