@@ -137,7 +137,7 @@ def empty_store(store: Path) -> None:
 
 
 def run_local_once(model: Path, posts: Path, out: Path, store: Path) -> Dict[str, Any]:
-    from spacy_agban.batch.local import run_local
+    from spacy_agban.tagging.local import run_local
 
     store.unlink(missing_ok=True)
     for suffix in ("-wal", "-shm"):
@@ -155,7 +155,7 @@ def run_local_once(model: Path, posts: Path, out: Path, store: Path) -> Dict[str
 
 def run_ray_once(model: Path, posts: Path, out: Path, actors: int, timings: Path,
                  features: Any = None, part_size: int = 10000) -> Dict[str, Any]:
-    from spacy_agban.batch.ray_engine import ObjectsActor, RayOptions, Stages, TagActor, read_part_batch, run_ray
+    from spacy_agban.tagging.ray_engine import ObjectsActor, RayOptions, Stages, TagActor, read_part_batch, run_ray
 
     from .batch_stages import register, timed_actor, timed_function
 
@@ -271,7 +271,7 @@ def write_markdown(report: Dict[str, Any], path: Path) -> None:
         "Reading it: the Ray overhead is mostly fixed (starting the cluster, the workers and each actor's "
         "pipeline or detector load, slow on shared cores), not per post; a second actor per stage adds "
         "nothing when the 2 cores are already busy (and other jobs shared them during this run). The "
-        "per-post costs inside the stages are the same code in both engines (`spacy_agban/batch/core.py`); "
+        "per-post costs inside the stages are the same code in both engines (`spacy_agban/tagging/core.py`); "
         "they differ here by the CPU share each process got.",
         "",
         "## N GPU nodes (computed, on paper)",

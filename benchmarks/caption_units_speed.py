@@ -23,7 +23,7 @@ import torch
 import typer
 
 import spacy_agban  # noqa: F401  (registrations)
-from spacy_agban.docs_io import fresh_doc, read_references
+from spacy_agban.training.docs_io import fresh_doc, read_references
 
 from .machine import machine, machine_line
 from .paths import ROOT, relative

@@ -15,7 +15,7 @@ Face model's forward alone on the exact inputs it was given in that pass (record
 a hook: same batches, same padding) under ``torch.inference_mode``. The entities of
 every doc are compared between the two trees (they must be the same). ``--precisions
 bf16,int8`` adds this tree's transformer pipelines converted to those precisions
-(``spacy_agban.inference_precision``), timed in the same rounds; their entities are
+(``spacy_agban.inference.precision``), timed in the same rounds; their entities are
 compared with this tree's fp32 ones (they may differ a little). Every pass
 starts with empty per-form caches (the char BiLSTM's): the posts are the same in
 every repetition, and a warm cache would time a stream of posts already seen.
@@ -53,8 +53,8 @@ def worker(config: str = typer.Option(...), root: Path = typer.Option(...),
     from spacy.training.initialize import init_nlp
 
     import spacy_agban  # noqa: F401
-    import spacy_agban.baseline  # noqa: F401
-    from spacy_agban.docs_io import read_fresh_docs
+    import spacy_agban.layers.static_vectors  # noqa: F401
+    from spacy_agban.training.docs_io import read_fresh_docs
 
     torch.set_num_threads(1)
     cfg = util.load_config(root / config, overrides={
@@ -65,8 +65,8 @@ def worker(config: str = typer.Option(...), root: Path = typer.Option(...),
     util.fix_random_seed(0)
     nlp = init_nlp(cfg, use_gpu=-1)
     if precision != "fp32":  # only this tree has these
-        from spacy_agban.inference_precision import to_bf16
-        from spacy_agban.int8 import quantize_int8
+        from spacy_agban.inference.precision import to_bf16
+        from spacy_agban.inference.precision import quantize_int8
 
         {"bf16": to_bf16, "int8": quantize_int8}[precision](nlp)
     test = read_fresh_docs(nlp, root / "corpus" / "test.spacy", docs)

@@ -37,7 +37,7 @@ def score_values(model: Path, data: Path, setting: str, values: Sequence[Any], c
     from spacy.training import Example
 
     import spacy_agban  # noqa: F401
-    from spacy_agban.docs_io import fresh_doc, read_references
+    from spacy_agban.training.docs_io import fresh_doc, read_references
 
     nlp = spacy.load(model)
     pipe = nlp.get_pipe(component)

@@ -75,7 +75,7 @@ def bench_store(folder: Path, n_repeat: int = 3) -> Dict[str, Any]:
     import spacy
 
     from spacy_agban.detection.images import ImageLoader
-    from spacy_agban.detection.object_units import ObjectUnits
+    from spacy_agban.units.objects import ObjectUnits
     from spacy_agban.detection.store import Detections, FeatureStore
     names = [p.name for p in sorted(folder.glob("*.jpg"))]
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@
         averaged=training/averaged/accurate-s0 --output metrics/averaged/dev_curves.md
 
 Each argument is ``LABEL=TRAINING_OUTPUT`` (or just the folder): its JSONL log, or the
-console table while a run is still going (``spacy_agban.plots.find_training_log``). The
+console table while a run is still going (``spacy_agban.cli.plots.find_training_log``). The
 best step of each run is in bold; the last rows say each run's best, the step it came at
 and the step it stopped at. For choices on dev between runs that differ in one setting
 (same seed, same data order): the step-by-step rows show where the difference comes from.
@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import typer
 
-from spacy_agban.plots import find_training_log, read_training_log
+from spacy_agban.cli.plots import find_training_log, read_training_log
 
 from .paths import relative
 

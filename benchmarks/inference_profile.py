@@ -19,7 +19,7 @@ from typing import List
 import srsly
 import typer
 
-from spacy_agban.docs_io import read_fresh_docs
+from spacy_agban.training.docs_io import read_fresh_docs
 
 from .machine import machine, machine_line
 from .paths import ROOT, relative, without_machine_paths

@@ -12,7 +12,7 @@ against ``heap_free_mb`` (freed bytes the heap keeps). Live-object growth shows 
 
 Factors: ``--mode`` featurize | forward | train, ``--stock-shim`` (thinc's own
 ``PyTorchShim``/spacy-transformers' ``HFShim``, whose optimizer step leaks, instead of
-``spacy_agban.shim``'s in-place twins, for agban and for the transformer), ``--count-tensors``,
+``spacy_agban.layers.shim``'s in-place twins, for agban and for the transformer), ``--count-tensors``,
 ``--no-mkldnn``, ``--trim-every`` (``malloc_trim(0)`` calls), ``--gc-every``,
 ``--tracemalloc`` (top Python allocation sites added in the second half); environment
 variables (``MALLOC_ARENA_MAX``,
@@ -125,8 +125,8 @@ def run(
     from thinc.api import fix_random_seed
 
     import spacy_agban  # noqa: F401  (registers the component)
-    from spacy_agban.corpus import VisualContextCorpus
-    from spacy_agban.variants import load_model_config
+    from spacy_agban.training.corpus import VisualContextCorpus
+    from spacy_agban.training.variants import load_model_config
 
     torch.backends.mkldnn.enabled = mkldnn
     cfg = load_model_config(config, ROOT / "configs", overrides={
@@ -140,12 +140,12 @@ def run(
         for node in component.model.walk():
             for shim in node.shims:
                 if stock_shim:
-                    # thinc's own update (PyTorchShim) for every shim, as before spacy_agban.shim
+                    # thinc's own update (PyTorchShim) for every shim, as before spacy_agban.layers.shim
                     stock = next(c for c in type(shim).__mro__ if c.__name__ in ("HFShim", "PyTorchShim"))
                     shim.__class__ = stock
                 shim_classes.append(type(shim).__name__)
     shim_class = ",".join(shim_classes)
-    from spacy_agban.corpus import VisualContextCorpus  # examples keep image and caption
+    from spacy_agban.training.corpus import VisualContextCorpus  # examples keep image and caption
     examples = list(VisualContextCorpus(str(train))(nlp))
     dev_examples = list(VisualContextCorpus(str(dev))(nlp)) if eval_every else []
     optimizer = nlp.create_optimizer()

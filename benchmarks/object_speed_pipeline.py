@@ -22,10 +22,10 @@ from spacy.training import Example
 from spacy.training.initialize import load_vectors_into_model
 
 import spacy_agban  # noqa: F401  (registrations)
-from spacy_agban.detection.object_units import ObjectUnits
+from spacy_agban.units.objects import ObjectUnits
 from spacy_agban.detection.store import Detections, FeatureStore
-from spacy_agban.variants import load_model_config
-from spacy_agban.docs_io import fresh_doc, read_references
+from spacy_agban.training.variants import load_model_config
+from spacy_agban.training.docs_io import fresh_doc, read_references
 
 from .paths import ROOT
 

@@ -43,7 +43,7 @@ def int8(keep: Keep, per_channel: bool) -> Callable[[Any], None]:
         import torch
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
 
-        from spacy_agban.inference_precision import encoder_of, transformer_components
+        from spacy_agban.inference.precision import encoder_of, transformer_components
 
         qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
         for pipe in transformer_components(nlp):
@@ -56,7 +56,7 @@ def int8(keep: Keep, per_channel: bool) -> Callable[[Any], None]:
 
 
 def bf16_encoder(nlp: Any) -> None:
-    from spacy_agban.inference_precision import to_bf16
+    from spacy_agban.inference.precision import to_bf16
 
     to_bf16(nlp)
 
@@ -65,7 +65,7 @@ def bf16_autocast(nlp: Any) -> None:
     """The encoder's weights stay fp32; matrix products run in bf16 under autocast."""
     import torch
 
-    from spacy_agban.inference_precision import _outputs_to_fp32, encoder_of, transformer_components
+    from spacy_agban.inference.precision import _outputs_to_fp32, encoder_of, transformer_components
 
     for pipe in transformer_components(nlp):
         hf = encoder_of(pipe)
@@ -97,7 +97,7 @@ def main(
     import spacy
     import torch
 
-    from spacy_agban.evaluation import evaluate_both
+    from spacy_agban.training.evaluation import evaluate_both
 
     names = list(choice) or list(CHOICES)
     unknown = [n for n in names if n not in CHOICES]

@@ -4,9 +4,9 @@ pipeline: F1 in both evaluation columns and speed, side by side in one run, one 
     OMP_NUM_THREADS=1 python -m benchmarks.precision_quality \
         training/cased/accurate-s0/model-best corpus/test.spacy --precisions bf16,int8
 
-Loads the pipeline once per precision (fp32, then ``spacy_agban.inference_precision.to_bf16``
+Loads the pipeline once per precision (fp32, then ``spacy_agban.inference.precision.to_bf16``
 or ``spacy_agban.int8.quantize_int8`` on a fresh copy), scores each on the split with the
-posts' visual context as stored and removed (``spacy_agban.evaluation.evaluate_both``,
+posts' visual context as stored and removed (``spacy_agban.training.evaluation.evaluate_both``,
 the two columns of ``python -m spacy_agban evaluate``), then times ``nlp.pipe`` on the
 first ``--speed-docs`` posts, repetitions interleaved (fp32, bf16, int8, fp32, ...),
 median reported.
@@ -44,11 +44,11 @@ def main(
     import torch
 
     import spacy_agban  # noqa: F401
-    import spacy_agban.transformer  # noqa: F401
-    from spacy_agban.docs_io import read_fresh_docs
-    from spacy_agban.evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
-    from spacy_agban.inference_precision import to_bf16
-    from spacy_agban.int8 import quantize_int8
+    import spacy_agban.layers.transformer  # noqa: F401
+    from spacy_agban.training.docs_io import read_fresh_docs
+    from spacy_agban.training.evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
+    from spacy_agban.inference.precision import to_bf16
+    from spacy_agban.inference.precision import quantize_int8
 
     converters = {"bf16": to_bf16, "int8": quantize_int8}
     chosen = [p.strip() for p in precisions.split(",") if p.strip()]

@@ -20,7 +20,7 @@ import srsly
 import typer
 from thinc.api import Config
 
-from spacy_agban.variants import load_model_config, resolve
+from spacy_agban.training.variants import load_model_config, resolve
 
 from .machine import machine, machine_line
 from .paths import ROOT, relative
@@ -70,7 +70,7 @@ PAPER_SUFFIX = "_paper"
 
 def row_config(row: str, configs: Path = ROOT / "configs") -> Tuple[Path, Dict[str, object]]:
     """The config a row trains with and its overrides: the model name resolved as
-    ``python -m spacy_agban train`` and project.yml resolve it (spacy_agban/variants.py):
+    ``python -m spacy_agban train`` and project.yml resolve it (spacy_agban/training/variants.py):
     a variant in configs/variants.yml (``agban`` is the paper's model) or configs/<row>.cfg."""
     try:
         return resolve(row, configs)

@@ -42,7 +42,7 @@ def predict(model: Path, data: Path, visual_context: bool, batch_size: int = 64)
     import spacy
 
     import spacy_agban  # noqa: F401
-    from spacy_agban.docs_io import fresh_doc, read_references
+    from spacy_agban.training.docs_io import fresh_doc, read_references
 
     nlp = spacy.load(model)
     docs = (fresh_doc(nlp, ref, visual_context) for ref in read_references(nlp, data))
@@ -74,7 +74,7 @@ def score(data: Path, predicted: List[List[Span]], nlp: Optional["Language"] = N
     from spacy.training import Example
 
     import spacy_agban  # noqa: F401
-    from spacy_agban.docs_io import read_references
+    from spacy_agban.training.docs_io import read_references
 
     nlp = nlp or spacy.blank("en")
     examples = []

@@ -16,7 +16,7 @@ import typer
 from spacy.tokens import DocBin
 
 import spacy_agban  # noqa: F401  (registers doc._.image / doc._.image_caption)
-from spacy_agban.docs_io import read_references
+from spacy_agban.training.docs_io import read_references
 from spacy_agban.extensions import INPUT_EXTENSIONS
 
 

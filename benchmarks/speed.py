@@ -49,7 +49,7 @@ def load(model: str):
     import spacy
 
     import spacy_agban  # noqa: F401  (factories, readers, the evaluate patch)
-    import spacy_agban.baseline  # noqa: F401  (the baseline's embedding layer)
+    import spacy_agban.layers.static_vectors  # noqa: F401  (the baseline's embedding layer)
 
     return spacy.load(ROOT / model if not Path(model).is_absolute() else model)
 
@@ -105,7 +105,7 @@ def throughput_worker(
     """All pipelines in one process: throughput, then length and batch-size scaling."""
     import torch
 
-    from spacy_agban.docs_io import read_fresh_docs
+    from spacy_agban.training.docs_io import read_fresh_docs
 
     nlps = {name: load(path) for name, path in (m.split("=", 1) for m in model)}
     docs = {name: read_fresh_docs(nlp, test, limit) for name, nlp in nlps.items()}
@@ -144,7 +144,7 @@ def infer_memory_worker(model: str = typer.Option(...), test: Path = typer.Optio
     before = peak_rss_mb()
     nlp = load(model)
     loaded = peak_rss_mb()
-    from spacy_agban.docs_io import read_fresh_docs  # after the measured load: nothing new to import
+    from spacy_agban.training.docs_io import read_fresh_docs  # after the measured load: nothing new to import
 
     docs = read_fresh_docs(nlp, test, limit)
     time_pipe(nlp, docs)
@@ -160,9 +160,9 @@ def train_worker(config: str = typer.Option(..., help="A model name or a .cfg pa
     from spacy.util import registry, resolve_dot_names
 
     import spacy_agban  # noqa: F401
-    import spacy_agban.baseline  # noqa: F401
+    import spacy_agban.layers.static_vectors  # noqa: F401
 
-    from spacy_agban.variants import load_model_config
+    from spacy_agban.training.variants import load_model_config
 
     config_obj = load_model_config(config, ROOT / "configs", overrides={"system.seed": seed}, interpolate=False)
     start = time.perf_counter()

@@ -103,7 +103,7 @@ def build(config_path: str):
     from spacy.training.initialize import init_nlp
 
     import spacy_agban  # noqa: F401
-    import spacy_agban.baseline  # noqa: F401
+    import spacy_agban.layers.static_vectors  # noqa: F401
 
     config = util.load_config(
         ROOT / config_path,
@@ -132,8 +132,8 @@ class EncoderRecorder:
 def instrument(nlp, timer: StageTimer, recorder: Optional[EncoderRecorder]) -> None:
     """Wrap the stages of the inference path of ``nlp`` with ``timer``."""
     import spacy_agban.architectures as arch
-    import spacy_agban.featurize as featurize
-    import spacy_agban.transformer as trf
+    import spacy_agban.layers.featurize as featurize
+    import spacy_agban.layers.transformer as trf
 
     agban = nlp.get_pipe("agban")
     patch(timer, agban, "visual_units", "agban: visual units (caption words)")
@@ -266,7 +266,7 @@ def main(
     """Per-stage profile of batch-1 and batched inference, with the raw encoder."""
     import torch
 
-    from spacy_agban.docs_io import read_fresh_docs
+    from spacy_agban.training.docs_io import read_fresh_docs
 
     torch.set_num_threads(1)
     results: Dict[str, Any] = {"machine": machine(), "torch_threads": torch.get_num_threads(),

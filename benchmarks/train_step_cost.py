@@ -46,7 +46,7 @@ def init_variant(spec: str, seed: int):
         if not sep:
             raise typer.BadParameter(f"override {pair!r} is not KEY=VALUE")
         overrides[key] = parse_value(value)
-    from spacy_agban.variants import load_model_config
+    from spacy_agban.training.variants import load_model_config
 
     config = load_model_config(config_path, ROOT / "configs", overrides=overrides, interpolate=False)
     nlp = init_nlp(config, use_gpu=-1)

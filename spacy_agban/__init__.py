@@ -11,7 +11,6 @@ install_extensions()
 # nlp.pipe(n_process > 1) forks: each child runs torch on one thread (see threads.py).
 install_fork_guard()
 
-from . import architectures, corpus, inference_precision, int8, legacy, loggers, tokenizer, visual_units  # noqa: E402,F401  (registrations)
 from .pipeline import AGBANRecognizer, make_agban  # noqa: E402
 
 __version__ = "0.1.0"

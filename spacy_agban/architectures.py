@@ -10,11 +10,11 @@ from spacy.util import registry
 from thinc.api import ArgsKwargs, Model, PyTorchWrapper_v3, get_torch_default_device
 from thinc.types import Floats2d
 
-from .featurize import N_CHARS, N_SHAPES, Featurizer
+from .layers.featurize import N_CHARS, N_SHAPES, Featurizer
 from .model import AGBANModule, Batch
 from .model.agban import Output
-from .shim import with_in_place_updates
-from .visual_units import DocUnits
+from .layers.shim import with_in_place_updates
+from .units.base import DocUnits
 
 AGBANInput = Tuple[List[Doc], List[DocUnits], Optional[List[List[int]]]]
 
@@ -45,8 +45,8 @@ def build_agban_model(
 ) -> Model[AGBANInput, Output]:
     """AGBAN (Zheng et al. 2020) as a Thinc model over (docs, visual units, gold tags).
 
-    The one live version of the architecture; ``spacy_agban/legacy.py`` maps the
-    older names (AGBAN.v1, .v2) onto it. With the defaults it is the paper's model.
+    The one version of the architecture (the package is unreleased: no saved
+    pipeline names another). With the defaults it is the paper's model.
 
     fusion: "none" (BiLSTM-CRF), "concat", "ban" or "gban" (Table III rows).
     adversarial: the modality discriminator behind a gradient reversal layer.
@@ -260,14 +260,3 @@ def _deserialize_module(module: torch.nn.Module, data: bytes, device: torch.devi
     module.to(device)
     return module
 
-
-def __getattr__(name: str) -> Any:
-    """The builders' former names, which installs made before ``legacy.py`` existed
-    name as entry points (their installed metadata keeps the old targets)."""
-    if name == "build_agban_model_v3":
-        return build_agban_model
-    if name == "build_agban_model_v2":
-        from .legacy import build_agban_model_v2
-
-        return build_agban_model_v2
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,9 +16,10 @@ from spacy.vocab import Vocab
 from thinc.api import Config, Model, Optimizer, set_dropout_rate
 
 from .architectures import AGBANInput, get_module, set_sizes
-from .corpus import patch_stock_corpus_in_spacy_evaluate
-from .learning_rate import ScaledOptimizer
-from .visual_units import CAPTION, OBJECT, DocUnits, ObjectUnitSource, UnitSource, VisualUnit
+from .model.tags import entity_spans, tag_names
+from .training.corpus import patch_stock_corpus_in_spacy_evaluate
+from .training.optimizer import ScaledOptimizer
+from .units.base import CAPTION, OBJECT, DocUnits, ObjectUnitSource, UnitSource, VisualUnit
 
 # The same model as configs/concat.cfg (a test checks): Concat fusion, the Table III row best
 # on dev with caption units; fusion = "gban" with adversarial = true is the paper's AGBAN.
@@ -108,24 +109,16 @@ def make_agban(
 
 
 def bio_tags(labels: Sequence[str]) -> List[str]:
-    return [OUTSIDE] + [f"{prefix}-{label}" for label in labels for prefix in ("B", "I")]
+    return tag_names(labels)
 
 
 def bio_spans(doc: Doc, tags: Sequence[str]) -> List[Span]:
-    """The entities of O / B- / I- tags, as spaCy's ``biluo_tags_to_spans(doc,
-    iob_to_biluo(tags))`` reads them, in one pass: an entity starts at any tag but O
-    (an I- without its B- too) and runs over the I- tags of its type that follow."""
-    spans = []
-    start, n = 0, len(tags)
-    while start < n:
-        tag, end = tags[start], start + 1
-        if tag != OUTSIDE:
-            inside = "I" + tag[1:]
-            while end < n and tags[end] == inside:
-                end += 1
-            spans.append(Span(doc, start, end, label=tag[2:]))
-        start = end
-    return spans
+    """The entities of O / B- / I- tag strings, read by :func:`~.model.tags.entity_spans`
+    (as spaCy's ``biluo_tags_to_spans(doc, iob_to_biluo(tags))`` reads them)."""
+    labels = sorted({tag[2:] for tag in tags if tag != OUTSIDE})
+    index = {label: i for i, label in enumerate(labels)}
+    ids = [0 if tag == OUTSIDE else 1 + 2 * index[tag[2:]] + (tag[0] == "I") for tag in tags]
+    return [Span(doc, start, end, label=labels[label]) for start, end, label in entity_spans(ids)]
 
 
 class AGBANRecognizer(TrainablePipe):
@@ -164,7 +157,7 @@ class AGBANRecognizer(TrainablePipe):
         ):
             if source is not None and not isinstance(source, kind):
                 raise TypeError(
-                    f"{arg} must be a spacy_agban.visual_units.{kind.__name__} (or None), "
+                    f"{arg} must be a spacy_agban.units.base.{kind.__name__} (or None), "
                     f"got {type(source).__name__}"
                 )
         self.vocab = vocab

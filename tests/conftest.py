@@ -9,7 +9,7 @@ from spacy.language import Language
 from spacy.training import Example
 
 import spacy_agban  # noqa: F401  (registers the component and extensions)
-from spacy_agban.visual_units import OBJECT, OBJECT_FEATURE_DIM, ObjectUnitSource, VisualUnit
+from spacy_agban.units.base import OBJECT, OBJECT_FEATURE_DIM, ObjectUnitSource, VisualUnit
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -21,8 +21,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     forking test before the first Ray test. The multi-node test comes after the
     module that shares one cluster among its tests (it starts a cluster of its own).
     """
-    items.sort(key=lambda item: (item.nodeid.startswith("tests/test_batch_ray"),
-                                 item.nodeid.startswith("tests/test_batch_ray_cluster.py")))
+    items.sort(key=lambda item: (item.nodeid.startswith("tests/tagging/test_ray"),
+                                 item.nodeid.startswith("tests/tagging/test_ray_cluster.py")))
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets" / "twitter2015"

@@ -15,7 +15,7 @@ from conftest import (
     CAPTION_POSTS, TEXT_POSTS, ents, make_doc, make_examples, make_nlp, train,
 )
 from spacy_agban.architectures import get_module
-from spacy_agban.visual_units import (
+from spacy_agban.units.base import (
     CAPTION, CaptionUnits, CaptionWarning, SkipWarnings, UnitSource, VisualUnit,
 )
 
@@ -256,8 +256,8 @@ def torch_equal(a, b) -> bool:
 def test_vector_lookup_is_lowercase_before_and_after_reload(tmp_path):
     """GloVe 6B is lowercase and spaCy 3.8 does not save Vectors.attr: the lookup the
     model trained with must be the one it uses after loading."""
-    from spacy_agban.featurize import Featurizer
-    from spacy_agban.visual_units import DocUnits
+    from spacy_agban.layers.featurize import Featurizer
+    from spacy_agban.units.base import DocUnits
 
     def static_vectors(pipeline):  # the featurizer's lookup, as the model gets it
         doc = pipeline.make_doc("PARIS Paris")

@@ -13,8 +13,8 @@ from spacy.language import Language  # noqa: E402
 from spacy.training import Example  # noqa: E402
 
 import spacy_agban  # noqa: E402,F401
-import spacy_agban.transformer  # noqa: E402,F401  (registrations, until the entry points are reinstalled)
-from spacy_agban.variants import config_and_overrides  # noqa: E402
+import spacy_agban.layers.transformer  # noqa: E402,F401  (registrations, until the entry points are reinstalled)
+from spacy_agban.training.variants import config_and_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"hidden": 16, "gban_dim": 8, "gate_dim": 8, "discriminator_hidden": 8, "dropout": 0.0}

@@ -1,14 +1,15 @@
-"""Object detection for AGBAN: images → top-k objects → 1024-d object units.
+"""Object detection: images -> top-k objects -> 1024-d box-head features.
 
 - :mod:`.images`: safe loading of ``doc._.image`` (paths, URLs, PIL images).
 - :mod:`.detector`: registered torchvision detectors returning box-head features.
 - :mod:`.store`: a SQLite cache of detections, keyed by image content and detector.
-- :mod:`.object_units`: ``spacy_agban.ObjectUnits.v1``, what the pipe calls.
-- :mod:`.cli`: ``python -m spacy_agban detect``, fills the store ahead of training.
+
+What the pipe calls is :mod:`spacy_agban.units.objects` (``spacy_agban.ObjectUnits.v1``);
+``python -m spacy_agban detect`` (:mod:`spacy_agban.cli.detect`) fills the store ahead
+of training.
 """
 from .detector import RCNNDetector, make_fasterrcnn_mobilenet_detector, make_mask_rcnn_detector
 from .images import ImageLoader, ImageLoadError, ImageWarning
-from .object_units import ObjectUnits, make_object_units
 from .store import Detections, FeatureStore
 
 __all__ = [
@@ -17,9 +18,7 @@ __all__ = [
     "ImageLoadError",
     "ImageLoader",
     "ImageWarning",
-    "ObjectUnits",
     "RCNNDetector",
     "make_fasterrcnn_mobilenet_detector",
     "make_mask_rcnn_detector",
-    "make_object_units",
 ]

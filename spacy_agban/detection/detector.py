@@ -35,7 +35,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms.functional import to_tensor
 
-from ..visual_units import OBJECT_FEATURE_DIM
+from ..units.base import OBJECT_FEATURE_DIM
 from .images import MAX_ASPECT
 from .store import Detections
 

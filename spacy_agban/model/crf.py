@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torchcrf import CRF
 
-from ..fast_inference import use_reference
+from .reference import use_reference
+from .tags import OUTSIDE_TAG, entity_spans
 
-OUTSIDE_TAG = 0  # the pipe puts "O" first in its tag list, then B-, I- of each label
 
 
 @functools.lru_cache(maxsize=8)
@@ -111,8 +111,7 @@ def drop_unsure_entities(tags: List[List[int]], marginals: numpy.ndarray, min_co
     """The tag sequences with every entity whose least sure token is below
     ``min_confidence`` tagged O.
 
-    An entity is read as the pipe's ``bio_spans`` reads it: it starts at any tag but O
-    (a stray I- too) and runs over the I- tags of its label that follow; its
+    Entities are read by :func:`~.tags.entity_spans`, as the pipe reads them; an entity's
     confidence is the smallest marginal probability, over its tokens, of the tag
     each was decoded with (marginals (B, T, K) from :func:`crf_log_marginals`). The
     Viterbi sequence is the most probable as a whole, but a token of it can still
@@ -123,16 +122,9 @@ def drop_unsure_entities(tags: List[List[int]], marginals: numpy.ndarray, min_co
     result = []
     for row, probs in zip(tags, marginals):
         row = list(row)
-        position, n = 0, len(row)
-        while position < n:
-            tag, stop = row[position], position + 1
-            if tag != OUTSIDE_TAG:
-                inside = tag + 1 if (tag - OUTSIDE_TAG) % 2 == 1 else tag  # B-x -> I-x; a stray I-x
-                while stop < n and row[stop] == inside:
-                    stop += 1
-                if min(probs[t, row[t]] for t in range(position, stop)) < min_confidence:
-                    row[position:stop] = [OUTSIDE_TAG] * (stop - position)
-            position = stop
+        for start, end, _ in entity_spans(row):
+            if min(probs[t, row[t]] for t in range(start, end)) < min_confidence:
+                row[start:end] = [OUTSIDE_TAG] * (end - start)
         result.append(row)
     return result
 

@@ -1,14 +1,13 @@
-"""A one-layer bidirectional ``nn.LSTM`` at inference, in numpy, for small batches.
+"""A one-layer bidirectional ``nn.LSTM`` at inference, in numpy, for small batches
+(the char BiLSTM's new word forms).
 
-One post's BiLSTMs are a few dozen time steps over a handful of rows: torch's fixed
+A batch of new word forms is a few dozen time steps over a handful of rows: torch's fixed
 cost per op (and packing) is most of their time, numpy's is a fraction of it. Both
 directions advance in the same ops (stacked weights), the backward one on rows
 reversed within their length, so no packing is needed; the input projection of every
 step is one matrix product before the loop (for char ids, a lookup in a table of the
 projected embeddings). Same function as the torch layer, up to float rounding.
 """
-from typing import Optional
-
 import numpy
 import torch
 from torch import nn
@@ -16,9 +15,9 @@ from torch import nn
 
 class NumpyBiLSTM:
     """A snapshot of a ``batch_first`` bidirectional one-layer ``nn.LSTM``'s weights
-    (with ``embed``: of the embedding before it too); rebuild it when they change."""
+    and of the embedding before it; rebuild it when they change."""
 
-    def __init__(self, lstm: nn.LSTM, embed: Optional[nn.Embedding] = None):
+    def __init__(self, lstm: nn.LSTM, embed: nn.Embedding):
         if not lstm.bidirectional or lstm.num_layers != 1 or not lstm.bias or lstm.proj_size:
             raise ValueError("NumpyBiLSTM mirrors a one-layer bidirectional LSTM with biases")
         hidden = self.hidden = lstm.hidden_size
@@ -36,24 +35,14 @@ class NumpyBiLSTM:
         self.w_hh = numpy.ascontiguousarray(weights("weight_hh"))  # (2, H, 4H)
         w_ih = weights("weight_ih")  # (2, I, 4H)
         bias = weights("bias_ih") + weights("bias_hh")  # (2, 1, 4H)
-        if embed is None:  # (I, 8H) and (8H,): both directions' input projection at once
-            self.w_ih = numpy.ascontiguousarray(numpy.concatenate([w_ih[0], w_ih[1]], axis=1))
-            self.bias, self.table = bias.reshape(-1), None
-        else:  # every char id's input projection: forward rows, then backward rows
-            table = numpy.matmul(embed.weight.detach().cpu().numpy(), w_ih) + bias
-            self.table = numpy.ascontiguousarray(table.reshape(-1, 4 * hidden))
-
-    def outputs(self, inputs: numpy.ndarray) -> numpy.ndarray:
-        """(T, I) one sequence -> (T, 2H) outputs, as ``lstm(inputs[None])[0][0]``."""
-        projected = (inputs @ self.w_ih + self.bias).reshape(len(inputs), 2, 1, 4 * self.hidden)
-        states = self._run(numpy.stack([projected[:, 0], projected[::-1, 1]], axis=1))  # (T, 2, 1, H)
-        return numpy.concatenate([states[:, 0, 0], states[::-1, 1, 0]], axis=1)
+        # every char id's input projection: forward rows, then backward rows
+        table = numpy.matmul(embed.weight.detach().cpu().numpy(), w_ih) + bias
+        self.table = numpy.ascontiguousarray(table.reshape(-1, 4 * hidden))
 
     def final_states(self, ids: numpy.ndarray, lengths: numpy.ndarray) -> numpy.ndarray:
         """(N, L) right-padded ids of N sequences with lengths >= 1 -> (N, 2H) final
         states, forward then backward, as ``torch.cat([h_n[0], h_n[1]], -1)`` of the
         packed sequences."""
-        assert self.table is not None
         rows = numpy.arange(len(lengths))
         steps = numpy.arange(int(lengths.max()))
         backward = ids[rows[:, None], numpy.maximum(lengths[:, None] - 1 - steps, 0)]

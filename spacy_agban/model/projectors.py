@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .numpy_lstm import NumpyBiLSTM, fingerprint, numpy_ready
+from .reference import use_reference
 
 
 class CharBiLSTM(nn.Module):
@@ -45,7 +46,7 @@ class CharBiLSTM(nn.Module):
 
         keys: (N,) an id of each token's exact form (same form, same chars), for the cache.
         """
-        if keys is None or self.training or not torch.is_inference_mode_enabled():
+        if keys is None or self.training or not torch.is_inference_mode_enabled() or use_reference():
             return self.encode(char_ids, char_lengths)
         return self._cached(char_ids, char_lengths, keys)
 
@@ -146,9 +147,6 @@ class TextProjector(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.lstm = nn.LSTM(in_width, hidden // 2, batch_first=True, bidirectional=True)
         self.width = hidden
-        # inference on one doc: a numpy copy of the word BiLSTM (see _numpy_lstm)
-        self._numpy: Optional[NumpyBiLSTM] = None
-        self._fingerprint: Optional[tuple] = None
 
     def forward(
         self,
@@ -164,12 +162,6 @@ class TextProjector(nn.Module):
         if self.shapes is not None and shape_ids is None:
             raise ValueError("this TextProjector embeds word shapes: pass shape_ids")
         one_doc = token_mask.shape[0] == 1 and bool(token_mask.all())  # no padding
-        if (one_doc and not self.training and torch.is_inference_mode_enabled()
-                and numpy_ready(static_vectors) and numpy_ready(self.lstm.weight_ih_l0)):
-            return self._one_doc_numpy(word_ids[0], static_vectors[0], char_ids[0], char_lengths[0],
-                                       None if external is None else external[0],
-                                       None if token_keys is None else token_keys[0],
-                                       None if shape_ids is None else shape_ids[0])
         parts = []
         if self.word_embed is not None:
             words = self.word_embed(word_ids)
@@ -198,44 +190,6 @@ class TextProjector(nn.Module):
         output, _ = self.lstm(packed)
         output, _ = pad_packed_sequence(output, batch_first=True, total_length=inputs.shape[1])
         return output
-
-    def _one_doc_numpy(
-        self,
-        word_ids: torch.Tensor,
-        static_vectors: torch.Tensor,
-        char_ids: torch.Tensor,
-        char_lengths: torch.Tensor,
-        external: Optional[torch.Tensor],
-        token_keys: Optional[torch.Tensor],
-        shape_ids: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """``forward`` of one doc at inference on CPU: the same inputs put together in
-        numpy, the word BiLSTM's numpy copy (no dropout at inference)."""
-        parts = []
-        if self.word_embed is not None:
-            words = self.word_embed.weight.detach().numpy()[word_ids.numpy()]
-            if self.static_width:
-                words += static_vectors.numpy()
-            parts.append(words)
-        if self.chars is not None:
-            parts.append(self.chars(char_ids, char_lengths, token_keys).numpy())
-        if self.shapes is not None:
-            parts.append(self.shapes.weight.detach().numpy()[shape_ids.numpy()])
-        if external is not None:
-            parts.append(external.numpy())
-        inputs = numpy.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-        return torch.from_numpy(self._numpy_lstm().outputs(inputs))[None]
-
-    def clear_cache(self) -> None:
-        self._numpy = None
-
-    def _numpy_lstm(self) -> NumpyBiLSTM:
-        """The word BiLSTM's numpy copy, made again when its weights changed (a torch-side
-        change by the fingerprint, an optimizer step by the shim's ``clear_cache``)."""
-        current = fingerprint(self.lstm)
-        if self._numpy is None or current != self._fingerprint:
-            self._numpy, self._fingerprint = NumpyBiLSTM(self.lstm), current
-        return self._numpy
 
 
 class VisualProjector(nn.Module):

@@ -1,0 +1,265 @@
+"""A Parquet features dataset: the SQLite feature store's role across machines.
+
+Layout (``ROOT`` a local folder or an object-store URI pyarrow supports)::
+
+    ROOT/signatures/<sig>.json            what the detector signature stands for
+    ROOT/sig=<sig>/part-<uuid>.parquet    image_key, features, labels, scores, boxes
+
+Each row is one image's top-k detections keyed by the sha256 of the image bytes
+and the detector signature key: the same keys as
+:class:`~spacy_agban.detection.store.FeatureStore`, so features move both ways
+(:func:`export_store`, :func:`import_dataset`) and training on one machine can
+use features computed on a cluster. Writers only add files (no file is ever
+rewritten), so many workers can fill one dataset; a key written twice (the
+same image under two names in one run) is harmless: readers keep the first.
+"""
+import json
+import uuid
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+
+from ..detection.store import Detections, FeatureStore
+from .core import detections_to_row, row_to_detections
+
+SIGNATURE_DIR = "signatures"
+
+
+def feature_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image_key", pa.string()), ("features", pa.binary()), ("labels", pa.list_(pa.string())),
+        ("scores", pa.list_(pa.float32())), ("boxes", pa.list_(pa.float32())), ("dim", pa.int32()),
+    ])
+
+
+def _filesystem(root: str) -> Tuple[Any, str]:
+    from pyarrow import fs
+
+    if "://" in root:
+        return fs.FileSystem.from_uri(root)
+    from pathlib import Path
+
+    return fs.LocalFileSystem(), str(Path(root).resolve())
+
+
+class FeatureDataset:
+    """Read and append detections in a Parquet features dataset.
+
+    Also the :class:`~spacy_agban.units.objects.FeatureReader` the batch
+    engines attach to the pipeline's object units: :meth:`get_many` reads the
+    dataset before the store, and, if ``writable``, :meth:`put_many` appends what
+    the detector found.
+    """
+
+    def __init__(self, root: str, writable: bool = False):
+        self.root = str(root)
+        self.writable = writable
+        self.fs, self.path = _filesystem(self.root)
+        self._index: Dict[str, Dict[str, str]] = {}  # sig -> image key -> file
+
+    def __getstate__(self) -> Dict[str, Any]:  # filesystems and indexes are rebuilt where used
+        return {"root": self.root, "writable": self.writable}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(state["root"], state["writable"])  # type: ignore[misc]
+
+    def _sig_dir(self, sig: str) -> str:
+        return f"{self.path}/sig={sig}"
+
+    # -- signatures -----------------------------------------------------------------------
+
+    def register_signature(self, sig: str, description: Dict[str, Any]) -> None:
+        target = f"{self.path}/{SIGNATURE_DIR}/{sig}.json"
+        if self._exists(target):
+            return
+        self.fs.create_dir(f"{self.path}/{SIGNATURE_DIR}", recursive=True)
+        with self.fs.open_output_stream(target) as out:
+            out.write(json.dumps(description, sort_keys=True, indent=2).encode())
+
+    def signatures(self) -> Dict[str, Dict[str, Any]]:
+        from pyarrow import fs
+
+        found: Dict[str, Dict[str, Any]] = {}
+        selector = fs.FileSelector(f"{self.path}/{SIGNATURE_DIR}", allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.path.endswith(".json"):
+                with self.fs.open_input_stream(info.path) as handle:
+                    found[info.base_name[: -len(".json")]] = json.loads(handle.read())
+        for sig in self._sig_dirs():
+            found.setdefault(sig, {})
+        return found
+
+    def _sig_dirs(self) -> List[str]:
+        from pyarrow import fs
+
+        selector = fs.FileSelector(self.path, allow_not_found=True)
+        return sorted(info.base_name[len("sig="):] for info in self.fs.get_file_info(selector)
+                      if info.type == fs.FileType.Directory and info.base_name.startswith("sig="))
+
+    def _exists(self, path: str) -> bool:
+        from pyarrow import fs
+
+        return self.fs.get_file_info(path).type != fs.FileType.NotFound
+
+    def files(self, sig: str) -> List[str]:
+        from pyarrow import fs
+
+        selector = fs.FileSelector(self._sig_dir(sig), allow_not_found=True)
+        return sorted(info.path for info in self.fs.get_file_info(selector)
+                      if info.type == fs.FileType.File and info.path.endswith(".parquet"))
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def write(self, entries: Sequence[Tuple[str, Detections]], sig: str) -> Optional[str]:
+        """Append one part file with these detections (None if there are none)."""
+        if not entries:
+            return None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [detections_to_row(det) for _, det in entries]
+        table = pa.Table.from_pydict({
+            "image_key": [key for key, _ in entries], "features": [r[0] for r in rows],
+            "labels": [r[1] for r in rows], "scores": [r[2] for r in rows], "boxes": [r[3] for r in rows],
+            "dim": [int(det.features.shape[1]) for _, det in entries],
+        }, schema=feature_schema())
+        self.fs.create_dir(self._sig_dir(sig), recursive=True)
+        target = f"{self._sig_dir(sig)}/part-{uuid.uuid4().hex}.parquet"
+        tmp = target + ".tmp"
+        pq.write_table(table, tmp, filesystem=self.fs)
+        self.fs.move(tmp, target)  # readers list *.parquet only: never a half-written file
+        return target
+
+    def keys(self, sig: str) -> Set[str]:
+        import pyarrow.parquet as pq
+
+        keys: Set[str] = set()
+        for path in self.files(sig):
+            keys.update(pq.read_table(path, columns=["image_key"], filesystem=self.fs)["image_key"].to_pylist())
+        return keys
+
+    def count(self, sig: str) -> int:
+        return len(self.keys(sig))
+
+    def iter_batches(self, sig: str, batch_rows: int = 4096) -> Iterator[List[Tuple[str, Detections]]]:
+        """Every distinct key's detections (the first written), in batches."""
+        import pyarrow.parquet as pq
+
+        seen: Set[str] = set()
+        for path in self.files(sig):
+            with self.fs.open_input_file(path) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
+                    out = []
+                    for row in batch.to_pylist():
+                        if row["image_key"] in seen:
+                            continue
+                        seen.add(row["image_key"])
+                        out.append((row["image_key"], _detections(row)))
+                    if out:
+                        yield out
+
+
+    # -- lookups (the FeatureReader protocol) ------------------------------------------------
+
+    def _keys_to_files(self, sig: str) -> Dict[str, str]:
+        """Which file holds each key (the first written), read once per signature and
+        process: one string column per file, about 100 bytes per image in memory.
+        Files written later by other workers are not seen: their images are detected
+        again, which is harmless (readers keep the first)."""
+        index = self._index.get(sig)
+        if index is None:
+            import pyarrow.parquet as pq
+
+            index = {}
+            for path in self.files(sig):
+                for key in pq.read_table(path, columns=["image_key"], filesystem=self.fs)["image_key"].to_pylist():
+                    index.setdefault(key, path)
+            self._index[sig] = index
+        return index
+
+    def get_many(self, image_keys: Iterable[str], sig: str) -> Dict[str, Detections]:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        index = self._keys_to_files(sig)
+        by_file: Dict[str, List[str]] = {}
+        for key in image_keys:
+            if key in index:
+                by_file.setdefault(index[key], []).append(key)
+        found: Dict[str, Detections] = {}
+        for path, keys in by_file.items():
+            table = pq.read_table(path, filesystem=self.fs, filters=pc.field("image_key").isin(keys))
+            for row in table.to_pylist():
+                found.setdefault(row["image_key"], _detections(row))
+        return found
+
+    def put_many(self, entries: Sequence[Tuple[str, Detections]], sig: str, description: Optional[Dict[str, Any]] = None) -> None:
+        if not self.writable:
+            raise PermissionError(f"the features dataset {self.root} was opened read-only")
+        if description is not None:
+            self.register_signature(sig, description)
+        path = self.write(entries, sig)
+        if path is not None and sig in self._index:
+            for key, _ in entries:
+                self._index[sig].setdefault(key, path)
+
+
+def _detections(row: Dict[str, Any]) -> Detections:
+    return row_to_detections(row["features"], row["labels"], row["scores"], row["boxes"], row.get("dim") or 0)
+
+
+# -- moving features between the SQLite store and the dataset ---------------------------------
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[List[str]]:
+    chunk: List[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def export_store(store_path: str, root: str, signature: Optional[str] = None,
+                 rows_per_file: int = 10000) -> Dict[str, int]:
+    """SQLite store -> features dataset; keys already in the dataset are skipped.
+    Returns the rows written per signature."""
+    store = FeatureStore(store_path)
+    dataset = FeatureDataset(root)
+    known_sigs = store.signatures()
+    sigs = [signature] if signature else sorted(known_sigs)
+    written: Dict[str, int] = {}
+    for sig in sigs:
+        if sig not in known_sigs:
+            raise ValueError(f"the store {store_path} has no signature {sig!r} (it has {sorted(known_sigs)})")
+        dataset.register_signature(sig, known_sigs[sig])
+        have = dataset.keys(sig)
+        written[sig] = 0
+        for chunk in _chunks((k for k in store.keys(sig) if k not in have), rows_per_file):
+            found = store.get_many(chunk, sig)
+            dataset.write([(k, found[k]) for k in chunk if k in found], sig)
+            written[sig] += len(found)
+    store.close()
+    return written
+
+
+def import_dataset(root: str, store_path: str, signature: Optional[str] = None) -> Dict[str, int]:
+    """Features dataset -> SQLite store (one transaction per batch; existing keys
+    are replaced by the same features). Returns the rows read per signature."""
+    dataset = FeatureDataset(root)
+    store = FeatureStore(store_path)
+    known = dataset.signatures()
+    sigs = [signature] if signature else sorted(known)
+    done: Dict[str, int] = {}
+    for sig in sigs:
+        if sig not in known:
+            raise ValueError(f"the dataset {root} has no signature {sig!r} (it has {sorted(known)})")
+        store.register_signature(sig, known[sig] or {"imported_from": "a features dataset"})
+        done[sig] = 0
+        for entries in dataset.iter_batches(sig):
+            store.put_many(entries, sig)
+            done[sig] += len(entries)
+    store.close()
+    return done
