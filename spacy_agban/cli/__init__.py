@@ -70,11 +70,16 @@ def evaluate(
     batch_size: int = typer.Option(64, help="nlp.pipe batch size"),
     precision: str = typer.Option("fp32", "--precision", help="The transformer's inference precision: fp32, bf16 or int8 (docs/profile.md)"),
     int8: bool = typer.Option(False, "--int8", hidden=True, help="Same as --precision int8"),
+    captions: Optional[str] = typer.Option(
+        None, help="Score these caption variants instead of the two columns, comma-separated: "
+        "stored, first5, nouns, shuffled, none (what caption quality is worth; docs/results.md)"),
+    seed: int = typer.Option(0, help="Seed of the 'shuffled' caption variant"),
 ) -> None:
     """Score a pipeline with and without the posts' visual context (two columns).
 
     `spacy evaluate` gives the first column; the second runs the same posts with the
-    image and caption removed, as most real posts come.
+    image and caption removed, as most real posts come. With --captions, one row per
+    caption variant instead.
     """
     import spacy
     import srsly
@@ -102,9 +107,22 @@ def evaluate(
     except ValueError as err:  # no transformer component to convert
         typer.echo(f"error: {one_line(err)}", err=True)
         raise typer.Exit(1)
-    scores = evaluate_both(nlp, data, batch_size)
-    typer.echo("| visual context | P | R | F1 |\n|---|---|---|---|")
-    for key, name in ((WITH_CONTEXT, "as stored"), (WITHOUT_CONTEXT, "removed")):
+    if captions is not None:
+        from ..training.evaluation import CAPTION_VARIANTS, evaluate_caption_variants
+
+        variants = [v.strip() for v in captions.split(",") if v.strip()]
+        unknown = [v for v in variants if v not in CAPTION_VARIANTS]
+        if unknown or not variants:
+            typer.echo(f"error: --captions takes {', '.join(CAPTION_VARIANTS)} (comma-separated), got {captions!r}", err=True)
+            raise typer.Exit(1)
+        scores = evaluate_caption_variants(nlp, data, variants, batch_size, seed)
+        rows = [(v, f"{v}: {CAPTION_VARIANTS[v]}") for v in variants]
+        typer.echo("| captions | P | R | F1 |\n|---|---|---|---|")
+    else:
+        scores = evaluate_both(nlp, data, batch_size)
+        rows = [(WITH_CONTEXT, "as stored"), (WITHOUT_CONTEXT, "removed")]
+        typer.echo("| visual context | P | R | F1 |\n|---|---|---|---|")
+    for key, name in rows:
         s = scores[key]
         typer.echo(f"| {name} | {100 * (s['ents_p'] or 0):.2f} | {100 * (s['ents_r'] or 0):.2f} "
                    f"| {100 * (s['ents_f'] or 0):.2f} |")
