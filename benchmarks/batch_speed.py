@@ -25,13 +25,12 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Type
 
 import numpy
 import typer
 
-from .machine import machine
-from .paths import ROOT, without_machine_paths
+from ._common import ROOT, load_average, machine, without_machine_paths
 
 WORDS = ["dog", "beach", "man", "city", "tower", "night", "phone", "store", "game", "crowd", "car", "river"]
 NAMES = [("Kolo", "PER"), ("Paris", "LOC"), ("Apple", "ORG"), ("Obama", "PER"), ("Chicago", "LOC"),
@@ -43,13 +42,51 @@ ASSUMED_GPU_IMAGES_PER_SECOND = 20.0
 NODE_CPUS = 8
 
 
-def load_average() -> List[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
+# ----- timed Ray stages ------------------------------------------------------------------
+# Injected through ``Stages`` (the product's stages carry no timing code). Each call appends
+# its rows, images and seconds to ``<folder>/<stage>-<pid>.jsonl``. Built at run time and
+# sent by value (``register``), so the Ray workers need not import the benchmarks package.
+def _record(folder: str, stage: str, rows: int, seconds: float, images: int = 0) -> None:
+    line = json.dumps({"stage": stage, "rows": rows, "images": images, "seconds": seconds, "pid": os.getpid()})
+    with open(os.path.join(folder, f"{stage}-{os.getpid()}.jsonl"), "a") as handle:
+        handle.write(line + "\n")
 
 
+def timed_function(fn: Callable[..., Any], stage: str, folder: str) -> Callable[..., Any]:
+    def run(table: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = fn(table, **kwargs)
+        images = sum(k is not None for k in out["image_key"].to_pylist()) if "image_key" in out.column_names else 0
+        _record(folder, stage, out.num_rows, time.perf_counter() - start, images)
+        return out
+
+    return run
+
+
+def timed_actor(base: Type[Any], stage: str, folder: str) -> Type[Any]:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        base.__init__(self, *args, **kwargs)
+        _record(folder, f"{stage}_init", 0, time.perf_counter() - start)
+
+    def __call__(self: Any, table: Any) -> Any:
+        start = time.perf_counter()
+        out = base.__call__(self, table)
+        detected = sum(s == "detected" for s in out["image_status"].to_pylist()) if "image_status" in out.column_names else 0
+        _record(folder, stage, table.num_rows, time.perf_counter() - start, detected)
+        return out
+
+    return type(f"Timed{base.__name__}", (base,), {"__init__": __init__, "__call__": __call__})
+
+
+def register_timed_stages() -> None:
+    """Send this module's functions and classes to the Ray workers by value."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ----- the job ---------------------------------------------------------------------------
 def make_inputs(work: Path, n_posts: int, seed: int = 0) -> Path:
     from PIL import Image
 
@@ -157,10 +194,8 @@ def run_ray_once(model: Path, posts: Path, out: Path, actors: int, timings: Path
                  features: Any = None, part_size: int = 10000) -> Dict[str, Any]:
     from spacy_agban.tagging.ray_engine import ObjectsActor, RayOptions, Stages, TagActor, read_part_batch, run_ray
 
-    from .batch_stages import register, timed_actor, timed_function
-
     timings.mkdir(parents=True, exist_ok=True)
-    register()
+    register_timed_stages()
     folder = str(timings)
     stages = Stages(read=timed_function(read_part_batch, "load", folder),
                     objects=timed_actor(ObjectsActor, "detect", folder), tag=timed_actor(TagActor, "tag", folder))

@@ -13,18 +13,14 @@ into ``--output`` by model and data, so models can be added one at a time, and t
 same command with ``--data corpus/test.spacy --values 0,CHOSEN`` reports the chosen
 value on test without choosing anything there.
 """
-import os
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import srsly
+import typer
 
-import srsly  # noqa: E402
-import typer  # noqa: E402
-
-from .paths import ROOT, relative  # noqa: E402
+from ._common import ROOT, relative
 
 app = typer.Typer(add_completion=False)
 COLUMNS = ("with_context", "without_context")

@@ -10,7 +10,6 @@ that its peak RSS is its own. Writes a JSON file and prints a Markdown table.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .paths import ROOT
+from ._common import ROOT, peak_rss_mb
 
 IMAGES = ROOT / "assets" / "twitter2015" / "images"
 SIZES = {480: 800, 800: 1333}  # min_size: max_size (torchvision's ratio)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def image_paths(folder: Path, n: int) -> List[Path]:

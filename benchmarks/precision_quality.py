@@ -4,27 +4,22 @@ pipeline: F1 in both evaluation columns and speed, side by side in one run, one 
     OMP_NUM_THREADS=1 python -m benchmarks.precision_quality \
         training/cased/accurate-s0/model-best corpus/test.spacy --precisions bf16,int8
 
-Loads the pipeline once per precision (fp32, then ``spacy_agban.inference.precision.to_bf16``
-or ``spacy_agban.int8.quantize_int8`` on a fresh copy), scores each on the split with the
+Loads the pipeline once per precision (fp32, then
+``spacy_agban.inference.precision.set_precision`` on a fresh copy), scores each on the split with the
 posts' visual context as stored and removed (``spacy_agban.training.evaluation.evaluate_both``,
 the two columns of ``python -m spacy_agban evaluate``), then times ``nlp.pipe`` on the
 first ``--speed-docs`` posts, repetitions interleaved (fp32, bf16, int8, fp32, ...),
 median reported.
 """
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import typer
 
-import typer  # noqa: E402
-
-from .machine import machine, machine_line  # noqa: E402
-from .paths import ROOT, relative, write_report  # noqa: E402
+from ._common import ROOT, load_average, machine, machine_line, relative, time_pipe, write_report
 
 app = typer.Typer(add_completion=False)
 
@@ -47,17 +42,15 @@ def main(
     import spacy_agban.layers.transformer  # noqa: F401
     from spacy_agban.training.docs_io import read_fresh_docs
     from spacy_agban.training.evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
-    from spacy_agban.inference.precision import to_bf16
-    from spacy_agban.inference.precision import quantize_int8
+    from spacy_agban.inference.precision import set_precision
 
-    converters = {"bf16": to_bf16, "int8": quantize_int8}
     chosen = [p.strip() for p in precisions.split(",") if p.strip()]
-    unknown = [p for p in chosen if p not in converters]
+    unknown = [p for p in chosen if p not in ("bf16", "int8")]
     if unknown or not chosen:
         raise typer.BadParameter(f"--precisions takes bf16 and/or int8, got {precisions!r}")
     torch.set_num_threads(1)
     started = time.perf_counter()
-    nlps = {"fp32": spacy.load(model), **{p: converters[p](spacy.load(model)) for p in chosen}}
+    nlps = {"fp32": spacy.load(model), **{p: set_precision(spacy.load(model), p) for p in chosen}}
     result: Dict[str, Any] = {"machine": machine(), "model": relative(model), "data": relative(data),
                               "torch_threads": torch.get_num_threads(), "scores": {}, "speed": {}}
     for name, nlp in nlps.items():
@@ -71,15 +64,11 @@ def main(
     seconds: Dict[str, list] = {name: [] for name in nlps}
     for _ in range(reps):
         for name, nlp in nlps.items():
-            copies = [d.copy() for d in docs[name]]
-            start = time.perf_counter()
-            for _ in nlp.pipe(copies, batch_size=batch_size):
-                pass
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(time_pipe(nlp, docs[name], batch_size)[0])
     for name in nlps:
         result["speed"][name] = {"seconds": seconds[name],
                                  "docs_per_s": len(docs[name]) / statistics.median(seconds[name])}
-    result["load_average"] = os.getloadavg()
+    result["load_average"] = load_average()
     result["wall_s"] = time.perf_counter() - started
     write_report(result, output, report, markdown)
 

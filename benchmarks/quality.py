@@ -22,8 +22,7 @@ from thinc.api import Config
 
 from spacy_agban.training.variants import load_model_config, resolve
 
-from .machine import machine, machine_line
-from .paths import ROOT, relative
+from ._common import ROOT, machine, machine_line, relative
 
 FINISHED = "Saved pipeline"
 

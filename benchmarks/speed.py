@@ -1,355 +1,340 @@
-"""CPU speed and memory of trained pipelines, side by side, in one run.
+"""Inference speed side by side in one run, one thread, repetitions interleaved: this
+tree's pipelines against spaCy's ``ner`` and, with ``--baseline``, against an earlier commit.
 
-- inference throughput (words/s, docs/s) on the test split with ``nlp.pipe`` and its
-  default batch size, every pipeline loaded in one process and the repetitions
-  interleaved (A B C A B C ...), median reported, with the ratio to the reference
-  (spaCy's ``ner``);
-- inference time against document length (16 ... 1024 tokens) and batch size;
-- training time per epoch: a fixed number of ``nlp.update`` steps on the real batches,
-  extrapolated to one epoch (dev evaluation not included);
-- peak RSS of inference and of training, each measured in its own subprocess.
+    OMP_NUM_THREADS=1 python -m benchmarks.speed                                  # default, accurate, spaCy ner
+    OMP_NUM_THREADS=1 python -m benchmarks.speed --baseline c59f146 --reps 5      # ... and that commit's code
+    OMP_NUM_THREADS=1 python -m benchmarks.speed --pipelines "" --model agban=training/agban/model-best
+    OMP_NUM_THREADS=1 python -m benchmarks.speed --pipelines accurate --precisions bf16,int8 --no-spacy-ner
 
-    python -m benchmarks.speed --model text=training/runs/bilstm_crf-s0/model-best \
-        --model agban=training/runs/agban-s0/model-best \
-        --model spacy_ner=training/bench/spacy_ner-s0/model-best
+Each pipeline runs in a worker process of its own (one torch thread), so each peak RSS is
+its own; the parent asks the workers in turn (A B C A B C ...), so a loaded machine slows
+all alike. A ``--pipelines`` name is built from its config, seed 0, initialized on the dev
+split (the weights do not change the speed, and the same seed gives every revision the same
+weights); a ``--model NAME=PATH`` is a trained pipeline, loaded. With ``--baseline`` every one
+of them also runs on that commit's ``spacy_agban`` (``git archive`` into a temporary folder,
+found first on its worker's path) and the entities of every post are compared (they must be
+the same). Per pipeline: ``nlp(doc)`` one post at a time and ``nlp.pipe`` in batches of
+``--batch-size``, words/s against spaCy's ``ner`` (``configs/spacy_ner.cfg``, built the
+same way); for transformer pipelines, the Hugging Face model's forward alone on the exact
+inputs it was given in that pass (recorded by a hook: same batches, same padding) under
+``torch.inference_mode``. ``--precisions bf16,int8`` adds this tree's transformer pipelines
+converted with ``spacy_agban.inference.precision.set_precision``, timed in the same rounds;
+their entities are compared with fp32's (they may differ a little). Every pass starts with
+empty per-form caches (the char BiLSTM's).
 """
 import json
-import random
-import resource
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
-import srsly
 import typer
 
-from .machine import machine, machine_line
-from .paths import ROOT, relative
-
-DEFAULT_MODELS = [
-    "text=training/runs/bilstm_crf-s0/model-best",
-    "agban=training/runs/agban-s0/model-best",
-    "spacy_ner=training/bench/spacy_ner-s0/model-best",
-]
-DEFAULT_TRAIN = ["text=bilstm_crf", "default=concat", "spacy_ner=spacy_ner"]
-RESULT_PREFIX = "BENCH-RESULT "
+from ._common import (
+    ROOT, cold_caches, ignore_installed_entry_points, import_registrations, load_average, machine, machine_line,
+    peak_rss_mb, relative, write_report,
+)
 
 app = typer.Typer(add_completion=False)
+worker_app = typer.Typer(add_completion=False)
+CONFIGS = {"default": "configs/concat.cfg", "accurate": "configs/accurate.cfg",
+           "spacy_ner": "configs/spacy_ner.cfg"}
+REFERENCE = "spacy_ner"
 
 
-# ----- helpers that run inside the worker processes --------------------------------------
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def load(model: str):
+# ----- worker ---------------------------------------------------------------------------
+@worker_app.command()
+def worker(config: str = typer.Option("", help="A config to build (relative to --root)"),
+           model: str = typer.Option("", help="A trained pipeline to load"),
+           root: Path = typer.Option(...), docs: int = typer.Option(256),
+           batch_size: int = typer.Option(64),
+           precision: str = typer.Option("fp32", help="fp32, or bf16 / int8 for a transformer pipeline")) -> None:
+    """Build or load one pipeline, then answer ``batch1`` / ``pipe`` / ``ents`` / ``quit``."""
     import spacy
-
-    import spacy_agban  # noqa: F401  (factories, readers, the evaluate patch)
-    import spacy_agban.layers.static_vectors  # noqa: F401  (the baseline's embedding layer)
-
-    return spacy.load(ROOT / model if not Path(model).is_absolute() else model)
-
-
-def docs_of_length(docs: Sequence, length: int, n_docs: int) -> list:
-    """``n_docs`` docs of exactly ``length`` tokens: running test text, captions kept."""
-    from spacy.tokens import Doc
-
-    from spacy_agban.extensions import copy_visual_context
-
-    words = [t.text for d in docs for t in d]
-    out = []
-    for i in range(n_docs):
-        start = (i * length) % max(1, len(words) - length)
-        chunk = (words * (1 + length // max(1, len(words)) + 1))[start:start + length]
-        doc = Doc(docs[0].vocab, words=chunk)
-        copy_visual_context(docs[i % len(docs)], doc)
-        out.append(doc)
-    return out
-
-
-def time_pipe(nlp, templates: Sequence, batch_size: Optional[int] = None) -> float:
-    docs = [doc.copy() for doc in templates]  # fresh docs: no entities from a previous rep
-    start = time.perf_counter()
-    for _ in nlp.pipe(docs, batch_size=batch_size):
-        pass
-    return time.perf_counter() - start
-
-
-def interleaved(nlps: Dict[str, object], docs: Dict[str, list], reps: int,
-                batch_size: Optional[int] = None) -> Dict[str, List[float]]:
-    """Seconds per rep for each pipeline, reps interleaved A B C A B C."""
-    seconds: Dict[str, List[float]] = {name: [] for name in nlps}
-    for name, nlp in nlps.items():  # warm-up: first-call allocations, caches
-        time_pipe(nlp, docs[name][:16], batch_size)
-    for _ in range(reps):
-        for name, nlp in nlps.items():
-            seconds[name].append(time_pipe(nlp, docs[name], batch_size))
-    return seconds
-
-
-def emit(result: Dict) -> None:
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-@app.command("throughput", hidden=True)
-def throughput_worker(
-    model: List[str] = typer.Option(...), test: Path = typer.Option(...),
-    limit: int = typer.Option(0), reps: int = typer.Option(3),
-    lengths: str = typer.Option("16,64,256,1024"), batch_sizes: str = typer.Option("1,8,64,256"),
-    scaling_tokens: int = typer.Option(4096), scaling_reps: int = typer.Option(3),
-) -> None:
-    """All pipelines in one process: throughput, then length and batch-size scaling."""
     import torch
 
-    from spacy_agban.training.docs_io import read_fresh_docs
+    from ._common import build_pipeline, fresh_docs, time_batch1, time_pipe
 
-    nlps = {name: load(path) for name, path in (m.split("=", 1) for m in model)}
-    docs = {name: read_fresh_docs(nlp, test, limit) for name, nlp in nlps.items()}
-    result: Dict[str, object] = {"torch_threads": torch.get_num_threads()}
-    seconds = interleaved(nlps, docs, reps)
-    result["throughput"] = {
-        name: {"seconds": secs, "docs": len(docs[name]), "words": sum(len(d) for d in docs[name]),
-               "batch_size": nlps[name].batch_size}
-        for name, secs in seconds.items()
-    }
-    by_length = {}
-    for length in (int(v) for v in lengths.split(",")):
-        n_docs = max(4, scaling_tokens // length)
-        synthetic = {name: docs_of_length(docs[name], length, n_docs) for name in nlps}
-        by_length[length] = {"docs": n_docs, "seconds": interleaved(nlps, synthetic, scaling_reps)}
-    result["length"] = by_length
-    by_batch = {}
-    n_docs = max(1, scaling_tokens // 16)  # about the same tokens as each length row
-    for size in (int(v) for v in batch_sizes.split(",")):
-        subset = {name: d[:n_docs] for name, d in docs.items()}
-        by_batch[size] = {
-            "docs": len(next(iter(subset.values()))),
-            "words": sum(len(d) for d in next(iter(subset.values()))),
-            "seconds": interleaved(nlps, subset, scaling_reps, batch_size=size),
-        }
-    result["batch_size"] = by_batch
-    emit(result)
+    torch.set_num_threads(1)
+    if Path(spacy_agban_folder()).resolve().parent != root.resolve():  # an earlier revision's package
+        ignore_installed_entry_points()
+    import_registrations()
+    nlp = build_pipeline(config, root) if config else spacy.load(model)
+    if precision != "fp32":  # only this tree has it
+        from spacy_agban.inference.precision import set_precision
 
+        set_precision(nlp, precision)
+    loaded_mb = peak_rss_mb()
+    test = fresh_docs(nlp, root / "corpus" / "test.spacy", docs)
+    recorded: List[Dict[str, Any]] = []
+    hf_model = None
+    if "transformer" in nlp.pipe_names:
+        hf_model = nlp.get_pipe("transformer").model.layers[0].shims[0]._model
 
-@app.command("infer-memory", hidden=True)
-def infer_memory_worker(model: str = typer.Option(...), test: Path = typer.Option(...),
-                        limit: int = typer.Option(0)) -> None:
-    """Peak RSS of one pipeline: load, then one pass over the test docs."""
-    import spacy  # noqa: F401
+        def record(_module, _args, kwargs):
+            recorded.append({k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
 
-    before = peak_rss_mb()
-    nlp = load(model)
-    loaded = peak_rss_mb()
-    from spacy_agban.training.docs_io import read_fresh_docs  # after the measured load: nothing new to import
+        hf_model.register_forward_pre_hook(record, with_kwargs=True)
+    last: Dict[str, List] = {}
 
-    docs = read_fresh_docs(nlp, test, limit)
-    time_pipe(nlp, docs)
-    emit({"rss_python_mb": before, "rss_loaded_mb": loaded, "rss_peak_mb": peak_rss_mb()})
+    def raw() -> Dict[str, Any]:
+        inputs = list(recorded)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for kwargs in inputs:
+                hf_model(**kwargs)
+        seconds = time.perf_counter() - start
+        del recorded[len(inputs):]
+        masks = [k["attention_mask"] for k in inputs]
+        return {"seconds": seconds, "calls": len(inputs),
+                "pieces_real": int(sum(int(m.sum()) for m in masks)),
+                "pieces_fed": int(sum(m.numel() for m in masks))}
 
-
-@app.command("train-steps", hidden=True)
-def train_worker(config: str = typer.Option(..., help="A model name or a .cfg path"), steps: int = typer.Option(30),
-                 warmup: int = typer.Option(3), seed: int = typer.Option(0)) -> None:
-    """Time ``steps`` updates on real training batches (after ``warmup``), peak RSS."""
-    from spacy.schemas import ConfigSchemaTraining
-    from spacy.training.initialize import init_nlp
-    from spacy.util import registry, resolve_dot_names
-
-    import spacy_agban  # noqa: F401
-    import spacy_agban.layers.static_vectors  # noqa: F401
-
-    from spacy_agban.training.variants import load_model_config
-
-    config_obj = load_model_config(config, ROOT / "configs", overrides={"system.seed": seed}, interpolate=False)
-    start = time.perf_counter()
-    nlp = init_nlp(config_obj, use_gpu=-1)
-    init_seconds = time.perf_counter() - start
-    T = registry.resolve(nlp.config.interpolate()["training"], schema=ConfigSchemaTraining)
-    (train_corpus,) = resolve_dot_names(nlp.config.interpolate(), [T["train_corpus"]])
-    examples = list(train_corpus(nlp))
-    random.Random(seed).shuffle(examples)
-    batches = list(T["batcher"](examples))
-    optimizer = T["optimizer"]
-    times = []
-    for batch in batches[: warmup + steps]:
-        tick = time.perf_counter()
-        nlp.update(batch, drop=T["dropout"], sgd=optimizer, losses={})
-        times.append(time.perf_counter() - tick)
-    measured = times[warmup:]
-    emit({
-        "init_seconds": init_seconds, "train_docs": len(examples), "batches_per_epoch": len(batches),
-        "step_seconds": measured, "median_step_seconds": statistics.median(measured),
-        "epoch_seconds_extrapolated": statistics.median(measured) * len(batches),
-        "rss_peak_mb": peak_rss_mb(),
-    })
+    time_pipe(nlp, test, batch_size)  # warm-up
+    print(json.dumps({"ready": True, "docs": len(test), "words": sum(len(d) for d in test),
+                      "rss_loaded_mb": loaded_mb}), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "quit":
+            break
+        recorded.clear()
+        cold_caches(nlp)
+        if command in ("batch1", "pipe"):
+            seconds, last[command] = time_batch1(nlp, test) if command == "batch1" else time_pipe(nlp, test, batch_size)
+            answer: Dict[str, Any] = {"seconds": seconds}
+            if hf_model is not None:
+                answer["raw"] = raw()
+            print(json.dumps(answer), flush=True)
+        elif command == "ents":
+            print(json.dumps({"rss_peak_mb": peak_rss_mb(), **{
+                mode: [[(e.start, e.end, e.label_) for e in d.ents] for d in ds] for mode, ds in last.items()}}),
+                flush=True)
 
 
-# ----- the parent: runs the workers, writes the report -----------------------------------
-def run_worker(args: List[str], timeout: int) -> Dict:
-    cmd = [sys.executable, "-m", "benchmarks.speed", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise RuntimeError(f"worker {' '.join(args[:1])} failed:\n{proc.stderr[-3000:]}")
+def spacy_agban_folder() -> str:
+    """The folder of the ``spacy_agban`` this process imports (this tree's, or a baseline's)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("spacy_agban")
+    assert spec is not None and spec.origin is not None
+    return str(Path(spec.origin).parent)
 
 
-def named(values: Sequence[str]) -> List[Tuple[str, str]]:
-    pairs = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"expected NAME=PATH, got {value!r}")
-        pairs.append((name, path))
-    return pairs
+# ----- parent ---------------------------------------------------------------------------
+@dataclass
+class Spec:
+    """One pipeline to time: its name in the report, what builds it, which code runs it."""
+    name: str
+    config: str = ""
+    model: str = ""
+    tree: Path = ROOT
+    precision: str = "fp32"
+
+    def args(self) -> List[str]:
+        what = ["--config", self.config] if self.config else ["--model", str(Path(self.model).resolve())]
+        return [*what, "--precision", self.precision]
 
 
-def summarize(raw: Dict, reference: str) -> Dict:
-    out: Dict[str, Dict] = {"throughput": {}, "length": {}, "batch_size": {}}
-    for name, t in raw["throughput"].items():
-        median = statistics.median(t["seconds"])
-        out["throughput"][name] = {
-            "words_per_s": t["words"] / median, "docs_per_s": t["docs"] / median,
-            "median_seconds": median, "reps_seconds": t["seconds"], "docs": t["docs"],
-            "words": t["words"], "batch_size": t["batch_size"],
-        }
-    ref = out["throughput"].get(reference)
-    for row in out["throughput"].values():
-        row["ratio_to_reference"] = row["words_per_s"] / ref["words_per_s"] if ref else None
-    for length, entry in raw["length"].items():
-        out["length"][length] = {
-            name: {"ms_per_doc": 1000 * statistics.median(s) / entry["docs"],
-                   "words_per_s": int(length) * entry["docs"] / statistics.median(s)}
-            for name, s in entry["seconds"].items()
-        }
-    for size, entry in raw["batch_size"].items():
-        out["batch_size"][size] = {
-            name: {"words_per_s": entry["words"] / statistics.median(s),
-                   "ms_per_doc": 1000 * statistics.median(s) / entry["docs"]}
-            for name, s in entry["seconds"].items()
-        }
-    return out
+class Worker:
+    def __init__(self, spec: Spec, docs: int, batch_size: int):
+        self.name = spec.name
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   PYTHONPATH=str(spec.tree))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.speed", "worker", *spec.args(), "--root", str(ROOT),
+             "--docs", str(docs), "--batch-size", str(batch_size)],
+            cwd=spec.tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.info = self._read()
+
+    def _read(self) -> Dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"worker {self.name} ended early (exit {self.proc.wait()})")
+
+    def ask(self, command: str) -> Dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.ask("quit")
+        except (RuntimeError, BrokenPipeError, ValueError):
+            pass
+        self.proc.wait(timeout=60)
 
 
-def markdown(result: Dict) -> str:
-    s, names, ref = result["summary"], list(result["summary"]["throughput"]), result["reference"]
-    lines = [
-        "# Speed and memory (CPU)", "",
-        f"Measured on: {machine_line(result['machine'])}; torch threads in the workers: "
-        f"{result['raw_throughput']['torch_threads']}.",
-        f"Test docs: {result['test']} (limit {result['limit'] or 'none'}), pre-tokenized "
-        "(tokenizer time not included), with their captions. Median of "
-        f"{result['reps']} interleaved repetitions; `nlp.pipe` with each pipeline's default "
-        "batch size.", "",
-        "## Inference throughput", "",
-        f"| pipeline | model | words/s | docs/s | ratio to {ref} | RSS after imports / after "
-        "load / peak (MB) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in names:
-        t, mem = s["throughput"][name], result["inference_memory"].get(name, {})
-        ratio = f"{t['ratio_to_reference']:.2f}" if t["ratio_to_reference"] else "-"
-        rss = " / ".join(f"{mem.get(k, 0):.0f}" for k in ("rss_python_mb", "rss_loaded_mb", "rss_peak_mb"))
-        lines.append(f"| {name} | {result['models'][name]} | {t['words_per_s']:.0f} "
-                     f"| {t['docs_per_s']:.1f} | {ratio} | {rss} |")
-    lines += ["", "## Inference time against document length (ms per doc)", "",
-              "| tokens/doc | docs | " + " | ".join(names) + " |",
-              "|---|---|" + "---|" * len(names)]
-    for length, row in s["length"].items():
-        docs = result["raw_throughput"]["length"][length]["docs"]
-        lines.append(f"| {length} | {docs} | " + " | ".join(f"{row[n]['ms_per_doc']:.1f}" for n in names) + " |")
-    lines += ["", "## Throughput against batch size (words/s)", "",
-              "| batch size | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for size, row in s["batch_size"].items():
-        lines.append(f"| {size} | " + " | ".join(f"{row[n]['words_per_s']:.0f}" for n in names) + " |")
-    if result["training"]:
-        lines += ["", "## Training", "",
-                  f"{result['train_steps']} `nlp.update` steps on real training batches after "
-                  "warm-up steps, median step time multiplied by the batches per epoch "
-                  "(extrapolated; dev evaluation not included).", "",
-                  "| pipeline | config | s/step | batches/epoch | s/epoch (extrapolated) | peak RSS (MB) |",
-                  "|---|---|---|---|---|---|"]
-        for name, t in result["training"].items():
-            lines.append(f"| {name} | {t['config']} | {t['median_step_seconds']:.3f} "
-                         f"| {t['batches_per_epoch']} | {t['epoch_seconds_extrapolated']:.0f} "
-                         f"| {t['rss_peak_mb']:.0f} |")
-    return "\n".join(lines) + "\n"
+def baseline_tree(revision: str) -> Path:
+    """``spacy_agban`` of ``revision`` plus this tree's ``benchmarks`` (the worker code)."""
+    folder = Path(tempfile.mkdtemp(prefix="agban-baseline-"))
+    archive = subprocess.run(["git", "archive", revision, "spacy_agban"], cwd=ROOT,
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    shutil.copytree(ROOT / "benchmarks", folder / "benchmarks")
+    return folder
 
 
-@app.command("run")
+def specs_of(pipelines: str, models: List[str], precisions: List[str], spacy_ner: bool,
+             old: Optional[Path]) -> List[Spec]:
+    """What to time: each pipeline here (and on the baseline), its lower precisions, spaCy's ner."""
+    specs: List[Spec] = []
+    chosen = [Spec(n, config=CONFIGS[n]) if n in CONFIGS else None for n in filter(None, pipelines.split(","))]
+    if None in chosen:
+        raise typer.BadParameter(f"--pipelines takes names from {', '.join(CONFIGS)}, got {pipelines!r}")
+    for item in models:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).exists():
+            raise typer.BadParameter(f"--model takes NAME=PATH of a trained pipeline, got {item!r}")
+        chosen.append(Spec(name, model=path))
+    for spec in chosen:
+        if old is not None:
+            specs.append(Spec(f"{spec.name}@baseline", spec.config, spec.model, tree=old))
+        specs.append(spec)
+        if spec.config == CONFIGS["accurate"] or spec.model:  # a pipeline with an encoder to convert
+            specs += [Spec(f"{spec.name}-{p}", spec.config, spec.model, precision=p) for p in precisions]
+    if spacy_ner and REFERENCE not in {s.name for s in specs}:
+        specs.append(Spec(REFERENCE, config=CONFIGS[REFERENCE]))
+    return specs
+
+
+@app.command()
 def main(
-    model: List[str] = typer.Option(DEFAULT_MODELS, help="NAME=PATH of a trained pipeline (repeat)"),
-    train_config: List[str] = typer.Option(DEFAULT_TRAIN, help="NAME=MODEL to time training for (repeat): a model name (configs/, variants.yml) or a .cfg"),
-    reference: str = typer.Option("spacy_ner", help="The pipeline the ratios are taken to"),
-    test: Path = typer.Option(ROOT / "corpus" / "test.spacy", help="Test DocBin"),
-    limit: int = typer.Option(0, help="Use the first N test docs (0: all)"),
-    reps: int = typer.Option(5, help="Interleaved repetitions for the throughput"),
-    lengths: str = typer.Option("16,64,256,1024"),
-    batch_sizes: str = typer.Option("1,8,64,256"),
-    scaling_tokens: int = typer.Option(4096, help="Tokens per length/batch-size measurement"),
-    scaling_reps: int = typer.Option(3),
-    train_steps: int = typer.Option(30, help="Timed update steps per training config (0: skip)"),
-    output: Path = typer.Option(ROOT / "metrics" / "speed.json"),
-    report: Path = typer.Option(ROOT / "metrics" / "speed.md"),
-    timeout: int = typer.Option(3600, help="Seconds per worker process"),
+    pipelines: str = typer.Option("default,accurate", help="Built from their configs: " + ", ".join(CONFIGS)),
+    model: List[str] = typer.Option([], help="NAME=PATH of a trained pipeline (repeat)"),
+    baseline: str = typer.Option("", help="A commit whose spacy_agban runs the same pipelines"),
+    spacy_ner: bool = typer.Option(True, help="Also time spaCy's ner (configs/spacy_ner.cfg), the ratios' reference"),
+    docs: int = typer.Option(256), reps: int = typer.Option(5),
+    batch_size: int = typer.Option(64),
+    precisions: str = typer.Option("", help="Also the transformer pipelines in these precisions: bf16, int8"),
+    output: Path = typer.Option(ROOT / "metrics" / "cost_compare.json"),
+    report: Optional[Path] = typer.Option(ROOT / "metrics" / "cost_compare.md"),
 ) -> None:
-    """Measure everything and write ``speed.json`` and ``speed.md``."""
-    models = dict(named(model))
-    missing = [p for p in models.values() if not (ROOT / p).exists() and not Path(p).exists()]
-    if missing:
-        raise typer.BadParameter(f"no pipeline at {missing}")
+    """Time the pipelines side by side; check the baseline's entities agree."""
+    chosen_precisions = [p for p in precisions.split(",") if p]
+    if set(chosen_precisions) - {"bf16", "int8"}:
+        raise typer.BadParameter(f"--precisions takes bf16 and/or int8, got {precisions!r}")
+    old = baseline_tree(baseline) if baseline else None
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.strip()
+    workers: Dict[str, Worker] = {}
     started = time.perf_counter()
-    typer.echo("throughput and scaling (one process, interleaved) ...")
-    raw = run_worker(["throughput", *sum((["--model", m] for m in model), []), "--test", str(test),
-                      "--limit", str(limit), "--reps", str(reps), "--lengths", lengths,
-                      "--batch-sizes", batch_sizes, "--scaling-tokens", str(scaling_tokens),
-                      "--scaling-reps", str(scaling_reps)], timeout)
-    memory = {}
-    for name, path in models.items():
-        typer.echo(f"inference memory: {name} ...")
-        memory[name] = run_worker(["infer-memory", "--model", path, "--test", str(test),
-                                   "--limit", str(limit)], timeout)
-    training = {}
-    if train_steps:
-        for name, config in named(train_config):
-            typer.echo(f"training steps: {name} ...")
-            training[name] = {"config": config, **run_worker(
-                ["train-steps", "--config", config, "--steps", str(train_steps)], timeout)}
-    result = {
-        "machine": machine(), "models": {name: relative(ROOT / path) for name, path in models.items()},
-        "reference": reference, "test": relative(test),
-        "limit": limit, "reps": reps, "train_steps": train_steps,
-        "raw_throughput": raw, "summary": summarize(raw, reference),
-        "inference_memory": memory, "training": training,
-        "wall_seconds": time.perf_counter() - started,
+    try:
+        for spec in specs_of(pipelines, model, chosen_precisions, spacy_ner, old):
+            workers[spec.name] = Worker(spec, docs, batch_size)
+        runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {n: {"batch1": [], "pipe": []} for n in workers}
+        for rep in range(reps):
+            for mode in ("batch1", "pipe"):
+                for name, w in workers.items():
+                    runs[name][mode].append(w.ask(mode))
+            typer.echo(f"rep {rep + 1}/{reps} done", err=True)
+        ents = {name: w.ask("ents") for name, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.close()
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    result: Dict[str, Any] = {
+        "machine": machine(), "baseline": baseline or None, "new": revision, "docs": docs, "reps": reps,
+        "batch_size": batch_size, "torch_threads": 1, "load_average": load_average(),
+        "models": {name: relative(path) for name, _, path in (m.partition("=") for m in model)},
+        "wall_s": time.perf_counter() - started, "pipelines": {},
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    srsly.write_json(output, result)
-    typer.echo(write_markdown(result, report))
+    for name, modes in runs.items():
+        entry: Dict[str, Any] = {"words": workers[name].info["words"],
+                                 "rss_loaded_mb": workers[name].info["rss_loaded_mb"],
+                                 "rss_peak_mb": ents[name].pop("rss_peak_mb")}
+        for mode, answers in modes.items():
+            entry[mode] = {"seconds": statistics.median(a["seconds"] for a in answers),
+                           "all_seconds": [a["seconds"] for a in answers]}
+            if answers and "raw" in answers[0]:
+                entry[mode]["raw_encoder_seconds"] = statistics.median(a["raw"]["seconds"] for a in answers)
+                entry[mode]["encoder_calls"] = answers[0]["raw"]["calls"]
+                entry[mode]["pieces_real"] = answers[0]["raw"]["pieces_real"]
+                entry[mode]["pieces_fed"] = answers[0]["raw"]["pieces_fed"]
+        result["pipelines"][name] = entry
+    result["same_entities"] = {  # the baseline against this tree: must be True
+        name.split("@")[0]: ents[name] == ents[name.split("@")[0]] for name in workers if name.endswith("@baseline")
+    }
+    result["docs_with_fp32_entities"] = {  # lower precision against this tree's fp32
+        name: share_same(ents[name]["pipe"], ents[name.rsplit("-", 1)[0]]["pipe"])
+        for name in workers if name.rsplit("-", 1)[-1] in ("bf16", "int8")
+    }
+    write_report(result, output, report, markdown)
 
 
-def write_markdown(result: Dict, report: Path) -> str:
-    text = markdown(result) + f"\nWhole run: {result['wall_seconds'] / 60:.1f} min.\n"
-    report.write_text(text)
-    return text
+def share_same(docs: List[Any], reference: List[Any]) -> float:
+    return sum(a == b for a, b in zip(docs, reference)) / max(1, len(reference))
 
 
-@app.command("report")
-def report_command(
-    output: Path = typer.Argument(ROOT / "metrics" / "speed.json"),
-    report: Path = typer.Option(ROOT / "metrics" / "speed.md"),
-) -> None:
-    """Write the Markdown report again from a ``speed.json`` (no measuring)."""
-    typer.echo(write_markdown(srsly.read_json(output), report))
+def markdown(result: Dict[str, Any]) -> str:
+    docs, size = result["docs"], result["batch_size"]
+    p = result["pipelines"]
+    ref = p.get(REFERENCE)
+    against = f"{result['new']} against {result['baseline']}" if result.get("baseline") else result["new"]
+    lines = [
+        f"# Inference speed: {against} (CPU, one thread)",
+        "",
+        f"Measured on: {machine_line(result['machine'])}." if "machine" in result else "",
+        f"{docs} test posts with captions; median of {result['reps']} interleaved repetitions; "
+        f"load average {result['load_average'][0]:.1f} at the end (on a loaded machine read the "
+        f"ratios, not the absolute figures). batch 1 = `nlp(doc)` per post; batch {size} = "
+        f"`nlp.pipe(batch_size={size})`. Words/s against spaCy's `ner` in the same run.",
+        "",
+        f"| pipeline | batch 1 docs/s | batch 1 words/s | batch {size} docs/s | words/s | / spaCy ner "
+        f"(words/s, batch 1 / {size}) | encoder alone (docs/s, batch 1 / batched) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in p.items():
+        raw = ""
+        if "raw_encoder_seconds" in e["pipe"]:
+            raw = (f"{docs / e['batch1']['raw_encoder_seconds']:.1f} / "
+                   f"{docs / e['pipe']['raw_encoder_seconds']:.1f}")
+        ratio = ""
+        if ref is not None:  # the same posts: the ratio of words/s is the inverse ratio of seconds
+            ratio = (f"{ref['batch1']['seconds'] / e['batch1']['seconds']:.2f}x / "
+                     f"{ref['pipe']['seconds'] / e['pipe']['seconds']:.2f}x")
+        lines.append(
+            f"| {name} | {docs / e['batch1']['seconds']:.1f} | {e['words'] / e['batch1']['seconds']:.0f} | "
+            f"{docs / e['pipe']['seconds']:.1f} | {e['words'] / e['pipe']['seconds']:.0f} | {ratio} | {raw} | "
+            f"{e.get('rss_peak_mb', 0):.0f} |"
+        )
+    lines += ["", "Ratios (docs/s):", ""]
+    for name in (n.split("@")[0] for n in p if n.endswith("@baseline")):
+        new, old = p[name], p[f"{name}@baseline"]
+        for mode in ("batch1", "pipe"):
+            line = f"- {name} {mode}: new / baseline = {old[mode]['seconds'] / new[mode]['seconds']:.2f}x"
+            if "raw_encoder_seconds" in new[mode]:
+                line += (f"; new pipeline / raw encoder on its own batches = "
+                         f"{new[mode]['raw_encoder_seconds'] / new[mode]['seconds']:.2f} "
+                         f"(pieces: {new[mode]['pieces_real']} real of {new[mode]['pieces_fed']} fed "
+                         f"in {new[mode]['encoder_calls']} calls; baseline fed "
+                         f"{old[mode]['pieces_fed']} in {old[mode]['encoder_calls']}; baseline / its "
+                         f"raw encoder = {old[mode]['raw_encoder_seconds'] / old[mode]['seconds']:.2f})")
+            lines.append(line)
+        lines.append(f"- {name}: same entities as the baseline on every doc: {result['same_entities'][name]}")
+    for low, share in result.get("docs_with_fp32_entities", {}).items():
+        name, precision = low.rsplit("-", 1)
+        for mode in ("batch1", "pipe"):
+            lines.append(f"- {name} {precision} {mode}: / fp32 = "
+                         f"{p[name][mode]['seconds'] / p[low][mode]['seconds']:.2f}x")
+        lines.append(f"- {name} {precision}: docs with the same entities as fp32: {100 * share:.1f}%")
+    lines += ["", f"Whole run: {result['wall_s'] / 60:.1f} min."]
+    return "\n".join(line for line in lines if line is not None) + "\n"
 
-
-WORKERS = ("throughput", "infer-memory", "train-steps", "run", "report")
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in WORKERS + ("--help",):
-        sys.argv.insert(1, "run")  # `python -m benchmarks.speed [OPTIONS]`
-    app()
+    if sys.argv[1:2] == ["worker"]:
+        del sys.argv[1]
+        worker_app()
+    else:
+        app()

@@ -19,20 +19,18 @@ Repetitions are interleaved (pipeline A, B, raw encoder, A, B, ...), the median 
 reported. Writes JSON (``--output``) and a Markdown table (``--report``).
 """
 import json
-import os
 import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import typer
 
-import typer  # noqa: E402
-
-from .machine import machine, machine_line  # noqa: E402
-from .paths import ROOT, write_report  # noqa: E402
+from ._common import (
+    ROOT, build_pipeline, cold_caches, fresh_docs, load_average, machine, machine_line, time_batch1, time_pipe,
+    write_report,
+)
 
 app = typer.Typer(add_completion=False)
 PIPELINES = {"default": "configs/concat.cfg", "accurate": "configs/accurate.cfg"}
@@ -97,25 +95,6 @@ def hook_module(timer: StageTimer, module: Any, name: str) -> None:
     module.register_forward_hook(post)
 
 
-def build(config_path: str):
-    """A pipeline initialized on the dev split (the weights do not change the speed)."""
-    from spacy import util
-    from spacy.training.initialize import init_nlp
-
-    import spacy_agban  # noqa: F401
-    import spacy_agban.layers.static_vectors  # noqa: F401
-
-    config = util.load_config(
-        ROOT / config_path,
-        overrides={"corpora.train.path": str(ROOT / "corpus" / "dev.spacy"),
-                   "corpora.dev.path": str(ROOT / "corpus" / "dev.spacy"),
-                   "paths.vectors": str(ROOT / "vectors" / "glove-6b-50d")},
-        interpolate=False,
-    )
-    util.fix_random_seed(0)
-    return init_nlp(config, use_gpu=-1)
-
-
 class EncoderRecorder:
     """Keeps the word-piece batches the transformer's encoder is fed."""
 
@@ -145,15 +124,12 @@ def instrument(nlp, timer: StageTimer, recorder: Optional[EncoderRecorder]) -> N
     if module.text.chars is not None:
         hook_module(timer, module.text.chars, "agban torch: char BiLSTM")
     hook_module(timer, module.text.lstm, "agban torch: word BiLSTM")
-    # one doc at inference: the word BiLSTM's numpy copy instead of the torch layer
-    from spacy_agban.model.numpy_lstm import NumpyBiLSTM
-
-    patch(timer, NumpyBiLSTM, "outputs", "agban torch: word BiLSTM")
     if module.visual is not None:
         hook_module(timer, module.visual, "agban torch: visual projector")
     if module.fusion is not None:
         hook_module(timer, module.fusion, "agban torch: fusion")
-    patch(timer, module.output, "decode", "agban torch: emissions + CRF Viterbi")
+    # decode_scored: emissions, Viterbi and, where asked for, the entities' confidences
+    patch(timer, module.output, "decode_scored", "agban torch: emissions + CRF Viterbi")
     hook_module(timer, module, "agban torch: rest of the module")
     if getattr(arch, "_pad", None) is not None:
         patch(timer, arch, "_pad", "agban: pad transformer features")
@@ -184,15 +160,6 @@ def instrument(nlp, timer: StageTimer, recorder: Optional[EncoderRecorder]) -> N
     inner._func = timer.wrap("agban: listener pooling", inner_fn)
 
 
-def cold_caches(nlp) -> None:
-    """Forget the char BiLSTM's per-form cache: each repetition starts cold."""
-    import spacy_agban.architectures as arch
-
-    for sub in arch.get_module(nlp.get_pipe("agban").model).modules():
-        if hasattr(sub, "clear_cache"):
-            sub.clear_cache()
-
-
 def hf_model_of(nlp):
     return nlp.get_pipe("transformer").model.layers[0].shims[0]._model
 
@@ -206,22 +173,6 @@ def time_raw_encoder(hf_model, batches: List[Dict[str, Any]]) -> float:
     with torch.inference_mode():
         for kwargs in tensors:
             hf_model(**kwargs)
-    return time.perf_counter() - start
-
-
-def run_batch1(nlp, docs) -> float:
-    copies = [d.copy() for d in docs]
-    start = time.perf_counter()
-    for doc in copies:
-        nlp(doc)
-    return time.perf_counter() - start
-
-
-def run_pipe(nlp, docs, batch_size: int) -> float:
-    copies = [d.copy() for d in docs]
-    start = time.perf_counter()
-    for _ in nlp.pipe(copies, batch_size=batch_size):
-        pass
     return time.perf_counter() - start
 
 
@@ -266,29 +217,27 @@ def main(
     """Per-stage profile of batch-1 and batched inference, with the raw encoder."""
     import torch
 
-    from spacy_agban.training.docs_io import read_fresh_docs
-
     torch.set_num_threads(1)
     results: Dict[str, Any] = {"machine": machine(), "torch_threads": torch.get_num_threads(),
                                "docs": docs, "reps": reps, "batch_size": batch_size,
-                               "load_average_start": os.getloadavg(), "pipelines": {}}
+                               "load_average_start": load_average(), "pipelines": {}}
     start = time.perf_counter()
     for name in pipelines.split(","):
-        nlp = build(PIPELINES[name])
-        test = read_fresh_docs(nlp, ROOT / "corpus" / "test.spacy", docs)
+        nlp = build_pipeline(PIPELINES[name])
+        test = fresh_docs(nlp, ROOT / "corpus" / "test.spacy", docs)
         timer = StageTimer()
         recorder = EncoderRecorder() if "transformer" in nlp.pipe_names else None
         instrument(nlp, timer, recorder)
-        run_pipe(nlp, test[:32], batch_size)  # warm-up
+        time_pipe(nlp, test[:32], batch_size)  # warm-up
         words = sum(len(d) for d in test)
         entry: Dict[str, Any] = {"config": PIPELINES[name], "docs": len(test), "words": words}
-        entry["batch1"] = profile_mode(nlp, timer, recorder, lambda: run_batch1(nlp, test), reps)
+        entry["batch1"] = profile_mode(nlp, timer, recorder, lambda: time_batch1(nlp, test)[0], reps)
         entry[f"batch{batch_size}"] = profile_mode(
-            nlp, timer, recorder, lambda: run_pipe(nlp, test, batch_size), reps
+            nlp, timer, recorder, lambda: time_pipe(nlp, test, batch_size)[0], reps
         )
         results["pipelines"][name] = entry
         typer.echo(f"{name}: {json.dumps({k: v['seconds'] for k, v in entry.items() if isinstance(v, dict)})}")
-    results["load_average_end"] = os.getloadavg()
+    results["load_average_end"] = load_average()
     results["wall_s"] = time.perf_counter() - start
     write_report(results, output, report, markdown)
 

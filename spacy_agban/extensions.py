@@ -4,10 +4,12 @@ from pathlib import PurePath
 from typing import Any, Callable, Optional
 
 import srsly
-from spacy.tokens import Doc
+from spacy.tokens import Doc, Span
 
 #: Inputs: set by the user (or the corpus) before the pipeline runs.
 INPUT_EXTENSIONS = ("image", "image_caption")
+#: The ``doc.spans`` attribute naming the component that scored a group (with "scores").
+SCORED_BY = "component"
 
 
 def install_extensions() -> None:
@@ -16,15 +18,37 @@ def install_extensions() -> None:
     - ``doc._.image``: the post's image: a path string (what a DocBin stores), or at
       run time a ``pathlib.Path`` or a ``PIL.Image.Image``.
     - ``doc._.image_caption``: alt text or a generated caption for the image.
+    - ``doc._.image_caption_source``: where the caption came from, set by the
+      ``image_captioner`` component: ``{"origin": "given"}``, or ``{"origin":
+      "generated" | "failed", "model": ...}`` (plus ``"reason"`` when it failed);
+      None where no captioner looked at the doc.
     - ``doc._.visual_units``: filled by the ``agban`` component with what it actually
       used for this doc: one dict per unit (``source``, ``label``, ``score``, ``box``).
     - ``doc._.agban_attention``: when the component records it, the attention map
       (tokens x units) and the gate values per token.
+    - ``span._.agban_confidence``: a getter: the entity's confidence as the component
+      stored it in ``doc.spans`` (None where it stored none).
     """
-    for name in ("image", "image_caption", "visual_units", "agban_attention"):
+    for name in ("image", "image_caption", "image_caption_source", "visual_units", "agban_attention"):
         if not Doc.has_extension(name):
             Doc.set_extension(name, default=None)
+    if not Span.has_extension("agban_confidence"):
+        Span.set_extension("agban_confidence", getter=stored_confidence)
     srsly.msgpack_encoders.register("spacy_agban.visual_input", func=encode_visual_input)
+
+
+def stored_confidence(span: Span) -> Optional[float]:
+    """The confidence of ``span`` in a ``doc.spans`` group the agban component scored
+    (spancat's layout: ``attrs["scores"]`` aligned with the spans), found by start,
+    end and label; None if no such group holds it (``store_confidence`` off, or not
+    an entity the component predicted)."""
+    for group in span.doc.spans.values():
+        if SCORED_BY not in group.attrs or "scores" not in group.attrs:
+            continue
+        for stored, score in zip(group, group.attrs["scores"]):
+            if (stored.start, stored.end, stored.label) == (span.start, span.end, span.label):
+                return float(score)
+    return None
 
 
 def encode_visual_input(obj: Any, chain: Optional[Callable[[Any], Any]] = None) -> Any:

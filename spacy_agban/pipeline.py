@@ -2,7 +2,7 @@
 from collections import Counter
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy
 import srsly
@@ -10,16 +10,19 @@ from spacy import util
 from spacy.language import Language
 from spacy.pipeline import TrainablePipe
 from spacy.scorer import get_ner_prf
-from spacy.tokens import Doc, Span
+from spacy.tokens import Doc, Span, SpanGroup
 from spacy.training import Example, validate_get_examples
 from spacy.vocab import Vocab
 from thinc.api import Config, Model, Optimizer, set_dropout_rate
 
 from .architectures import AGBANInput, get_module, set_sizes
+from .extensions import SCORED_BY
 from .model.tags import entity_spans, tag_names
 from .training.corpus import patch_stock_corpus_in_spacy_evaluate
 from .training.optimizer import ScaledOptimizer
 from .units.base import CAPTION, OBJECT, DocUnits, ObjectUnitSource, UnitSource, VisualUnit
+from .units.saved_paths import IMAGE_ROOT, STORE, record_paths, restored_paths
+from .units.captioner import needs_caption, warn_uncaptioned
 
 # The same model as configs/concat.cfg (a test checks): Concat fusion, the Table III row best
 # on dev with caption units; fusion = "gban" with adversarial = true is the paper's AGBAN.
@@ -53,11 +56,15 @@ top_k = 8
 DEFAULT_MODEL = Config().from_str(DEFAULT_CONFIG_STR)["model"]
 DEFAULT_CAPTION_UNITS = Config().from_str(DEFAULT_CONFIG_STR)["caption_units"]
 OUTSIDE = "O"
+#: doc.spans key of the entities with their confidences (spaCy's spancat uses "sc")
+DEFAULT_SPANS_KEY = "agban"
+STORE_CONFIDENCE_DEFAULT = True
 
 
 @Language.factory(
     "agban",
-    assigns=["doc.ents", "token.ent_iob", "token.ent_type", "doc._.visual_units"],
+    assigns=["doc.ents", "token.ent_iob", "token.ent_type", "doc.spans", "doc._.visual_units",
+             "doc._.agban_attention"],
     default_config={
         "model": DEFAULT_MODEL,
         "caption_units": DEFAULT_CAPTION_UNITS,
@@ -67,6 +74,8 @@ OUTSIDE = "O"
         "learn_rate_scale": 1.0,
         "bio_constraints": False,
         "min_confidence": 0.0,
+        "store_confidence": STORE_CONFIDENCE_DEFAULT,
+        "spans_key": DEFAULT_SPANS_KEY,
         "scorer": {"@scorers": "spacy.ner_scorer.v1"},
     },
     default_score_weights={"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None},
@@ -82,6 +91,8 @@ def make_agban(
     learn_rate_scale: float,
     bio_constraints: bool,
     min_confidence: float,
+    store_confidence: bool,
+    spans_key: str,
     scorer: Optional[Callable],
 ) -> "AGBANRecognizer":
     """Multimodal NER (AGBAN): reads ``doc._.image`` / ``doc._.image_caption``.
@@ -96,6 +107,12 @@ def make_agban(
     min_confidence: tag O every entity one of whose tokens has a CRF marginal
     probability of its decoded tag below this (0 keeps every entity of the Viterbi
     sequence). Prediction only, like bio_constraints; 0 by default for the same reason.
+    store_confidence: also put the entities in ``doc.spans[spans_key]`` with their
+    confidence in ``attrs["scores"]`` (as spaCy's spancat does; ``span._.agban_confidence``
+    reads it): the quantity min_confidence thresholds, so an entity kept at a threshold
+    has a confidence at least that high. Prediction only. On by default: its one
+    forward-backward pass of the CRF, in numpy on CPU, measured about 5% of this pipe's
+    time (docs/guide.md, "Confidence per entity").
     """
     # only inside `spacy evaluate`, which reads its data with spaCy's own Corpus after
     # loading the pipeline: nothing global changes otherwise (see corpus.py)
@@ -104,7 +121,8 @@ def make_agban(
         nlp.vocab, model, name,
         caption_units=caption_units, object_units=object_units, max_words=max_words,
         record_attention=record_attention, learn_rate_scale=learn_rate_scale,
-        bio_constraints=bio_constraints, min_confidence=min_confidence, scorer=scorer,
+        bio_constraints=bio_constraints, min_confidence=min_confidence,
+        store_confidence=store_confidence, spans_key=spans_key, scorer=scorer,
     )
 
 
@@ -143,10 +161,14 @@ class AGBANRecognizer(TrainablePipe):
         learn_rate_scale: float = 1.0,
         bio_constraints: bool = False,
         min_confidence: float = 0.0,
+        store_confidence: bool = STORE_CONFIDENCE_DEFAULT,
+        spans_key: str = DEFAULT_SPANS_KEY,
         scorer: Optional[Callable] = get_ner_prf,
     ):
         if not learn_rate_scale > 0:
             raise ValueError(f"learn_rate_scale must be > 0, got {learn_rate_scale}")
+        if not isinstance(spans_key, str) or not spans_key:
+            raise ValueError(f"spans_key must be a non-empty string (a doc.spans key), got {spans_key!r}")
         if not 0.0 <= min_confidence < 1.0:
             raise ValueError(
                 f"min_confidence must be in [0, 1) (a probability; 0 keeps every entity), got {min_confidence}"
@@ -169,6 +191,8 @@ class AGBANRecognizer(TrainablePipe):
         self.learn_rate_scale = learn_rate_scale
         self.bio_constraints = bio_constraints
         self.min_confidence = min_confidence
+        self.store_confidence = store_confidence
+        self.spans_key = spans_key
         self.scorer = scorer
         self.cfg: Dict[str, Any] = {
             "labels": [], "words": [], "static_width": 0, "unit_dims": {}, "max_words": max_words,
@@ -319,6 +343,31 @@ class AGBANRecognizer(TrainablePipe):
                 "before using it, or load a trained pipeline with spacy.load()."
             )
 
+    # Docs with an image and no caption, given to a model that reads captions, would be
+    # tagged from their text alone without a word: count them, warn once per call.
+    def _reads_captions(self) -> bool:
+        return CAPTION in self.cfg.get("unit_dims", {})
+
+    def __call__(self, doc: Doc) -> Doc:
+        if self._reads_captions():
+            warn_uncaptioned(int(needs_caption(doc)), self.name)
+        return super().__call__(doc)
+
+    def pipe(self, stream: Iterable[Doc], *, batch_size: int = 128) -> Iterator[Doc]:
+        if not self._reads_captions():
+            yield from super().pipe(stream, batch_size=batch_size)
+            return
+        uncaptioned = 0
+
+        def counted() -> Iterator[Doc]:
+            nonlocal uncaptioned
+            for doc in stream:
+                uncaptioned += needs_caption(doc)
+                yield doc
+
+        yield from super().pipe(counted(), batch_size=batch_size)
+        warn_uncaptioned(uncaptioned, self.name)
+
     def predict(self, docs: Iterable[Doc]) -> List[Dict[str, Any]]:
         self._check_initialized()
         docs = list(docs)
@@ -331,10 +380,13 @@ class AGBANRecognizer(TrainablePipe):
         output = get_module(self.model).output
         output.bio_constraints = bool(self.bio_constraints)
         output.min_confidence = float(self.min_confidence)
+        output.store_confidence = bool(self.store_confidence)
         out = self.model.predict(([docs[i] for i in index], [units[i] for i in index], None))
         tags = self.tags
         for row, i in enumerate(index):
             predictions[i]["tags"] = [tags[t] for t in out.tags[row]]
+            if out.confidences is not None:
+                predictions[i]["confidences"] = out.confidences[row]
             if self.record_attention and out.attention is not None:
                 assert out.unit_mask is not None
                 n = len(docs[i])
@@ -347,7 +399,15 @@ class AGBANRecognizer(TrainablePipe):
 
     def set_annotations(self, docs: Iterable[Doc], predictions: List[Dict[str, Any]]) -> None:
         for doc, pred in zip(docs, predictions):
-            doc.ents = bio_spans(doc, pred["tags"])
+            entities = bio_spans(doc, pred["tags"])
+            doc.ents = entities
+            if self.store_confidence:  # an empty doc has no tags, no entities, no scores
+                scores = pred.get("confidences", [])
+                assert len(scores) == len(entities), "one confidence per entity, in order"
+                doc.spans[self.spans_key] = SpanGroup(
+                    doc, name=self.spans_key, spans=entities,
+                    attrs={"scores": numpy.asarray(scores, dtype="float32"), SCORED_BY: self.name},
+                )
             if "attention" in pred:
                 doc._.agban_attention = {
                     "units": doc._.visual_units,
@@ -422,7 +482,7 @@ class AGBANRecognizer(TrainablePipe):
     def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
         if "model" not in exclude:
             self._check_initialized()
-        self._record_image_root()
+        self._record_paths(None)
         serialize = {
             "cfg": lambda: srsly.json_dumps(self.cfg),
             "model": self.model.to_bytes,
@@ -431,7 +491,7 @@ class AGBANRecognizer(TrainablePipe):
 
     def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = tuple()) -> "AGBANRecognizer":
         deserialize = {
-            "cfg": lambda b: self._load_cfg(srsly.json_loads(b)),
+            "cfg": lambda b: self._load_cfg(srsly.json_loads(b), None),
             "model": self._load_weights,
         }
         util.from_bytes(bytes_data, deserialize, exclude)
@@ -440,7 +500,7 @@ class AGBANRecognizer(TrainablePipe):
     def to_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()) -> None:
         if "model" not in exclude:
             self._check_initialized()
-        self._record_image_root()
+        self._record_paths(Path(path).parent)
         serialize = {
             "cfg": lambda p: srsly.write_json(p, self.cfg),
             "model": lambda p: self.model.to_disk(p),
@@ -449,37 +509,38 @@ class AGBANRecognizer(TrainablePipe):
 
     def from_disk(self, path: Union[str, Path], *, exclude: Iterable[str] = tuple()) -> "AGBANRecognizer":
         deserialize = {
-            "cfg": lambda p: self._load_cfg(srsly.read_json(p)),
+            # the pipeline folder: a store saved inside it is found wherever it is
+            "cfg": lambda p: self._load_cfg(srsly.read_json(p), Path(p).parent.parent),
             "model": lambda p: self._load_weights(p.read_bytes()),
         }
         util.from_disk(path, deserialize, exclude)
         return self
 
-    def _load_cfg(self, cfg: Dict[str, Any]) -> None:
+    def _load_cfg(self, cfg: Dict[str, Any], pipeline_dir: Optional[Path]) -> None:
         self.cfg.update(cfg)
         self._pin_object_signature()
-        self._restore_image_root()
+        self._restore_paths(pipeline_dir)
 
-    # A relative image_root in the config resolves against the current folder, which
-    # differs wherever the saved pipeline is loaded from: the folder it named when the
-    # pipeline was saved is kept in cfg and used again (docs/robustness.md).
-    def _record_image_root(self) -> None:
-        configured = getattr(self.object_units, "image_root_arg", None)
-        if configured is None or Path(configured).expanduser().is_absolute():
-            self.cfg.pop("image_root", None)
+    # A relative image_root or store in the config resolves against the current folder,
+    # which differs wherever the saved pipeline is loaded from: what they named when the
+    # pipeline was saved is kept in cfg and used again (units/saved_paths.py).
+    def _record_paths(self, pipeline_dir: Optional[Path]) -> None:
+        for key in (IMAGE_ROOT, STORE):
+            self.cfg.pop(key, None)
+        self.cfg.update(record_paths(self.object_units, pipeline_dir))
+
+    def _restore_paths(self, pipeline_dir: Optional[Path]) -> None:
+        units = self.object_units
+        if not hasattr(units, "use_store"):  # none, or a source of another kind
             return
-        resolved = str(self.object_units.loader.image_root)  # type: ignore[union-attr]
-        self.cfg["image_root"] = {"configured": configured, "resolved": resolved}
-
-    def _restore_image_root(self) -> None:
-        saved = self.cfg.get("image_root")
-        configured = getattr(self.object_units, "image_root_arg", None)
-        # Only for the value it was saved with: an override (tag --image-root, a config
-        # change) is the caller's choice. A saved folder that is gone (the pipeline moved
-        # to another machine) leaves the configured path, against the current folder.
-        if (isinstance(saved, dict) and configured is not None and configured == saved.get("configured")
-                and Path(saved["resolved"]).is_dir()):
-            self.object_units.use_image_root(saved["resolved"])  # type: ignore[union-attr]
+        found = restored_paths(units.image_root_arg, units.store_arg, self.cfg, pipeline_dir,  # type: ignore[union-attr]
+                               creates_store=units.creates_store)  # type: ignore[union-attr]
+        if found.image_root is not None:
+            units.use_image_root(found.image_root)  # type: ignore[union-attr]
+        if found.store is not None or found.saved_store is not None:
+            units.use_store(found.store or units.store_path, saved=found.saved_store)  # type: ignore[union-attr]
+        if OBJECT in self.cfg["unit_dims"]:  # fail at load, not at the first post
+            units.check_store()  # type: ignore[union-attr]
 
     def _load_weights(self, model_bytes: bytes) -> None:
         self._build_model()

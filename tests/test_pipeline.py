@@ -292,6 +292,7 @@ def test_attention_is_recorded_on_request(caption_pipeline):
     assert all(0.0 <= g <= 1.0 for g in full["gate"])
 
 
+@pytest.mark.slow
 def test_overfit_with_object_units_then_reload(tmp_path):
     """Same text, different images -> different types: the object units must be used."""
     nlp = make_nlp(caption_top_k=None, object_units={"@misc": "tests.FakeObjects.v1"})

@@ -172,6 +172,7 @@ def test_sum_reduction_scales_the_adversarial_loss_with_the_batch():
 V3 = {"@architectures": "spacy_agban.AGBAN.v3"}
 
 
+@pytest.mark.slow
 def test_overfit_with_visual_dropout_tags_posts_without_caption_like_its_text_only_twin():
     """Entities fixed by the text: with dropout the no-caption path learns them too."""
     posts = [p for p in CAPTION_POSTS if p[0] != "Kolo is here"] + [

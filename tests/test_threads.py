@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent("""
 TIMEOUT = 240
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="n_process forks on Linux only")
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_n_process_2_after_a_first_call_returns() -> None:

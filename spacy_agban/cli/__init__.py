@@ -74,6 +74,9 @@ def evaluate(
         None, help="Score these caption variants instead of the two columns, comma-separated: "
         "stored, first5, nouns, shuffled, none (what caption quality is worth; docs/results.md)"),
     seed: int = typer.Option(0, help="Seed of the 'shuffled' caption variant"),
+    reliability: int = typer.Option(
+        0, help="Also print a reliability table of the entities' confidences in this many bins "
+        "(confidence vs observed precision, both columns; docs/guide.md); 0: none"),
 ) -> None:
     """Score a pipeline with and without the posts' visual context (two columns).
 
@@ -94,6 +97,8 @@ def evaluate(
         problem: Optional[str] = f"--precision takes {', '.join(PRECISIONS)}, got {precision!r}"
     else:
         problem = evaluate_argument_problem(model, data, output, batch_size)
+    if not problem and reliability < 0:
+        problem = f"--reliability takes a number of bins (0: no table), not {reliability}"
     if problem:
         typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(1)
@@ -126,6 +131,13 @@ def evaluate(
         s = scores[key]
         typer.echo(f"| {name} | {100 * (s['ents_p'] or 0):.2f} | {100 * (s['ents_r'] or 0):.2f} "
                    f"| {100 * (s['ents_f'] or 0):.2f} |")
+    if reliability > 0:
+        from ..training.calibration import format_reliability, reliability_both
+
+        tables = reliability_both(nlp, data, reliability, batch_size)
+        for key, name in ((WITH_CONTEXT, "visual context as stored"), (WITHOUT_CONTEXT, "visual context removed")):
+            typer.echo("\n" + format_reliability(tables[key], f"Reliability, {name}"))
+        scores = {**scores, "reliability": tables}
     if output is not None:
         srsly.write_json(output, scores)
 
@@ -176,32 +188,75 @@ def train_command(
     """
     from spacy.cli._util import parse_config_overrides
 
-    from ..training.variants import config_and_overrides
+    from ..training.variants import UnknownModelName, config_and_overrides
 
     try:
         path, overrides = config_and_overrides(name, configs)
     except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
+        hint = "; pass --configs DIR to look for model names in another folder" if isinstance(err, UnknownModelName) else ""
+        typer.echo(f"error: {one_line(err, limit=600)}{hint}", err=True)
         raise typer.Exit(1)
     overrides = {**overrides, **parse_config_overrides(ctx.args)}
     if dry_run:
         typer.echo(f"python -m spacy train {path}" + "".join(
             f" --{key} {json.dumps(value)}" for key, value in overrides.items()))
         return
+    problem = config_build_problem(path, overrides)
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(1)
     from spacy.cli.train import train
 
     train(path, output, use_gpu=gpu_id, overrides=overrides)
+
+
+def config_build_problem(path: Path, overrides: dict) -> Optional[str]:
+    """Why the config (with its overrides) builds no pipeline, in one line (None if it
+    does): a setting a component refuses (min_confidence = 2) is a user error, said
+    before `spacy train` starts, not under its traceback. Builds only: nothing is
+    initialized, no data or vectors are read. spaCy's own validation errors (a missing
+    or mistyped setting) are left to `spacy train`, which prints them per setting."""
+    from spacy import util
+    from thinc.api import ConfigValidationError
+
+    if not path.is_file():
+        return None  # `spacy train` says "Config file not found"
+    try:
+        config = util.load_config(path, overrides=overrides, interpolate=False)
+        util.load_model_from_config(config, auto_fill=True, validate=True)
+    except ConfigValidationError:
+        return None
+    except (ValueError, TypeError, OSError) as err:
+        return f"the config {path} with its overrides builds no pipeline: {one_line(err)}"
+    return None
 
 
 @app.command("models")
 def models_command(
     configs: Path = typer.Option(Path("configs"), help="Folder of the configs and variants.yml"),
 ) -> None:
-    """The model names that `train`, the project and the quality bench accept."""
-    from ..training.variants import model_names
+    """The model names that `train`, the project and the quality bench accept.
 
-    for name, description in model_names(configs).items():
+    Exits 1, with one line each, if any entry of variants.yml is broken or a name is
+    both a variant and a config file."""
+    from ..training.variants import BadVariant, model_names, problems
+
+    try:
+        names = model_names(configs)
+    except BadVariant as err:
+        typer.echo(f"error: {one_line(err, limit=600)}", err=True)
+        raise typer.Exit(1)
+    if not names:
+        typer.echo(f"error: no model names in {configs} ({configs.resolve()}): no .cfg file, no "
+                   "variants.yml; pass --configs DIR to name the folder of the configs", err=True)
+        raise typer.Exit(1)
+    for name, description in names.items():
         typer.echo(f"{name:24} {description}")
+    found = problems(configs)
+    for problem in found:
+        typer.echo(f"error: {one_line(ValueError(problem), limit=600)}", err=True)
+    if found:
+        raise typer.Exit(1)
 
 
 def describe_error(err: Exception) -> str:
@@ -218,12 +273,16 @@ def _register_tool_commands() -> None:
     matplotlib and the detector's torchvision models are imported only by the
     commands that use them.
     """
+    from .caption import caption_command
     from .tag import detect_command, features_app, tag_command
     from .explain import explain_command
+    from .package import package_meta_command
     from .plots import plot_modalities_command, plot_training_command
 
+    app.command("caption")(caption_command)
     app.command("detect")(detect_command)
     app.command("explain")(explain_command)
+    app.command("package-meta")(package_meta_command)
     app.command("plot-training")(plot_training_command)
     app.command("plot-modalities")(plot_modalities_command)
     app.command("tag")(tag_command)

@@ -157,6 +157,13 @@ def check_detect_arguments(store: Path, detector: str, engine: str, min_size: in
         raise typer.BadParameter(f"--limit must be at least 1, not {limit}")
     if engine == "local" and store.is_dir():
         raise typer.BadParameter(f"the store {store} is a folder; name the SQLite file to fill (e.g. {store / 'objects.sqlite'})")
+    if engine == "local" and store.exists():
+        from ..detection.store import NotAFeatureStore, check_is_feature_store
+
+        try:
+            check_is_feature_store(store, create=True)
+        except NotAFeatureStore as err:
+            raise typer.BadParameter(str(err)) from None
 
 
 def detector_error_message(detector: str, err: BaseException) -> str:

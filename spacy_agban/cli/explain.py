@@ -25,6 +25,7 @@ from spacy import displacy
 from spacy.language import Language
 from spacy.tokens import Doc
 
+from ..colours import ENTITY_COLOURS
 from ..training.docs_io import fresh_doc, read_references
 from ..units.base import OBJECT
 
@@ -52,12 +53,27 @@ class Explanation:
 
 # ----- loading ---------------------------------------------------------------------------
 def load_pipeline(model: Union[str, Path], component: str = "agban") -> Language:
-    """Load a pipeline with the attention of ``component`` recorded on each doc."""
-    nlp = spacy.load(model, config={"components": {component: {"record_attention": True}}})
+    """Load a pipeline with the attention of ``component`` and its entities' confidences
+    recorded on each doc."""
+    settings = {"record_attention": True, "store_confidence": True}
+    nlp = spacy.load(model, config={"components": {component: settings}})
     pipe = nlp.get_pipe(component)
-    if not getattr(pipe, "record_attention", False):  # config override not honoured
-        pipe.record_attention = True
+    for name, value in settings.items():
+        if not getattr(pipe, name, False):  # config override not honoured
+            setattr(pipe, name, value)
     return nlp
+
+
+def use_image_root(nlp: Language, component: str, image_root: Optional[Path]) -> Optional[Path]:
+    """The folder relative image paths resolve against, for the model and the report alike:
+    ``image_root`` if given (the pipeline's object units then use it too), else the
+    pipeline's own (as restored when it was loaded), else None (the current folder)."""
+    units = getattr(nlp.get_pipe(component), "object_units", None)
+    if image_root is not None:
+        if hasattr(units, "use_image_root"):
+            units.use_image_root(image_root)
+        return image_root.resolve()
+    return getattr(getattr(units, "loader", None), "image_root", None)
 
 
 def read_docs(
@@ -274,6 +290,7 @@ def render_html(explanation: Explanation, model_name: str = "") -> str:
         f"<p class='note'>model: {html.escape(model_name)}</p>" if model_name else "",
         "<h2>Predicted entities</h2>",
         _displacy(e.doc),
+        confidence_table(e.doc),
     ]
     if e.gold is not None:
         parts += ["<h2>Gold entities</h2>", _displacy(e.gold)]
@@ -311,7 +328,26 @@ def _displacy(doc: Doc) -> str:
         return "<p class='note'>Empty post.</p>"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"\[W006\]")  # no entities: plain text is right
-        return displacy.render(doc, style="ent", page=False, jupyter=False)
+        # the package's colours, also where the entry point is not installed (a source checkout)
+        return displacy.render(doc, style="ent", page=False, jupyter=False,
+                               options={"colors": ENTITY_COLOURS})
+
+
+def confidence_table(doc: Doc) -> str:
+    """The predicted entities with their confidence (the CRF's, as ``min_confidence``
+    thresholds it); nothing for a post without entities."""
+    if not doc.ents:
+        return ""
+    rows = []
+    for ent in doc.ents:
+        confidence = ent._.agban_confidence
+        shown = "n/a" if confidence is None else f"{confidence:.3f}"
+        colour = ENTITY_COLOURS.get(ent.label_, "#ddd")
+        rows.append(f"<tr><td>{html.escape(ent.text)}</td>"
+                    f"<td><span style='background:{colour};padding:1px 6px'>{html.escape(ent.label_)}</span></td>"
+                    f"<td>{shown}</td></tr>")
+    return ("<table class='heat'><tr><th>entity</th><th>label</th><th>confidence</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def attention_table(e: Explanation) -> str:
@@ -386,13 +422,13 @@ def explain_command(
     model: Path = typer.Argument(..., help="A trained pipeline with an agban component"),
     output_dir: Path = typer.Option(Path("explain"), "--output", "-o", help="Where to write the reports"),
     text: Optional[str] = typer.Option(None, help="The text of one post"),
-    image: Optional[Path] = typer.Option(None, help="The image of that post"),
+    image: Optional[Path] = typer.Option(None, help="The image of that post (relative: to --image-root if given, else to the current folder)"),
     caption: Optional[str] = typer.Option(None, help="The caption (alt text) of that post's image"),
     name: str = typer.Option("post", help="File name (stem) of the one post's report"),
     docs: Optional[Path] = typer.Option(None, help="A .spacy file of posts instead of --text"),
     limit: int = typer.Option(10, help="With --docs: at most this many posts (0: all)"),
     image_id: List[str] = typer.Option([], help="With --docs: only posts of this image id (repeatable)"),
-    image_root: Optional[Path] = typer.Option(None, help="Folder the posts' image paths are relative to"),
+    image_root: Optional[Path] = typer.Option(None, help="Folder the posts' image paths are relative to (default: the pipeline's image_root)"),
     component: str = typer.Option("agban", help="Name of the agban component in the pipeline"),
 ) -> None:
     """Write an HTML report and an attention heatmap PNG per post: what the model looked at."""
@@ -402,11 +438,14 @@ def explain_command(
     if docs is not None and (image is not None or caption is not None):
         typer.echo("error: --image and --caption go with --text, not --docs", err=True)
         raise typer.Exit(1)
-    for path in [p for p in (model, docs, image) if p is not None]:
+    if image is not None:  # checked and given to the model as one absolute path
+        image = ((image_root / image) if image_root is not None else image).expanduser().resolve()
+    for path in [p for p in (model, docs, image_root, image) if p is not None]:
         if not path.exists():
             typer.echo(f"error: {path} does not exist", err=True)
             raise typer.Exit(1)
     nlp = load_pipeline(model, component)
+    image_root = use_image_root(nlp, component, image_root)
     if docs is not None:
         posts = read_docs(docs, nlp, limit, image_id)
         names = None

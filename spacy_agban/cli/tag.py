@@ -1,9 +1,11 @@
 """``python -m spacy_agban tag``, ``detect`` (both engines) and ``features export|import``."""
+import contextlib
 import functools
 import inspect
 import json
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import typer
 
@@ -46,6 +48,10 @@ def tag_command(
     detect_resource: Optional[List[str]] = typer.Option(None, "--detect-resource", help="ray: NAME=AMOUNT, a custom resource each detect actor needs (pins detection to the nodes that have it); repeatable"),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="An input without posts is not an error"),
     precision: str = typer.Option("fp32", "--precision", help="The transformer's inference precision: fp32, bf16 or int8 (docs/profile.md)"),
+    unique_ids: bool = typer.Option(False, "--unique-ids", help="Refuse an input in which posts share an id (by default: a warning with the count)"),
+    caption_actors: int = typer.Option(1, "--caption-actors", help="ray: captioner actors (a pipeline with an image_captioner)"),
+    caption_cpus: float = typer.Option(1.0, "--caption-cpus", help="ray: CPUs per caption actor"),
+    caption_gpus: Optional[float] = typer.Option(None, "--caption-gpus", help="ray: GPUs per caption actor, fractions allowed (default: 1 if the cluster has a GPU, else 0)"),
 ) -> dict:
     """Tag posts in bulk: entities, visual units used and errors, one row per post."""
     columns = PostColumns(id=id_key, text=text_key, image=image_key or None, caption=caption_key or None)
@@ -57,8 +63,8 @@ def tag_command(
     problem = tag_argument_problem(
         model, engine, output_format, id_key, text_key,
         {"--batch-size": batch_size, "--part-size": part_size, "--detect-actors": detect_actors,
-         "--tag-actors": tag_actors, "--detect-batch-size": detect_batch_size},
-        {"--detect-cpus": detect_cpus, "--tag-cpus": tag_cpus},
+         "--tag-actors": tag_actors, "--detect-batch-size": detect_batch_size, "--caption-actors": caption_actors},
+        {"--detect-cpus": detect_cpus, "--tag-cpus": tag_cpus, "--caption-cpus": caption_cpus},
     ) or precision_problem(precision, model) or input_problem(input_path, columns, allow_empty)
     if problem:
         typer.echo(f"tag: {problem}", err=True)
@@ -70,10 +76,11 @@ def tag_command(
         if engine == "local":
             from ..tagging.local import run_local
 
-            result = run_local(str(model), Path(input_path), Path(output), columns, part_size=part_size,
-                               batch_size=batch_size, output_format=output_format, gpu_id=gpu_id,
-                               image_root=image_root, allow_remote=allow_remote, resume=resume, features=features,
-                               precision=precision)
+            with one_line_warnings(), no_record_left_on_failure(output):
+                result = run_local(str(model), Path(input_path), Path(output), columns, part_size=part_size,
+                                   batch_size=batch_size, output_format=output_format, gpu_id=gpu_id,
+                                   image_root=image_root, allow_remote=allow_remote, resume=resume,
+                                   features=features, precision=precision, unique_ids=unique_ids)
         else:
             try:
                 import ray  # noqa: F401
@@ -85,10 +92,12 @@ def tag_command(
             options = RayOptions(address=address, num_cpus=num_cpus, num_gpus=num_gpus,
                                  detect_actors=detect_actors, tag_actors=tag_actors, detect_cpus=detect_cpus,
                                  tag_cpus=tag_cpus, batch_size=batch_size, detect_batch_size=detect_batch_size,
-                                 detect_resources=resources, precision=precision)
-            result = run_ray(str(model), input_path, output, columns, options, image_root=image_root,
-                             allow_remote=allow_remote, features=features, part_size=part_size,
-                             output_format=output_format, resume=resume)
+                                 detect_resources=resources, precision=precision, caption_actors=caption_actors,
+                                 caption_cpus=caption_cpus, caption_gpus=caption_gpus)
+            with one_line_warnings(), no_record_left_on_failure(output):
+                result = run_ray(str(model), input_path, output, columns, options, image_root=image_root,
+                                 allow_remote=allow_remote, features=features, part_size=part_size,
+                                 output_format=output_format, resume=resume, unique_ids=unique_ids)
     except InputError as err:
         typer.echo(f"tag: {err}", err=True)
         raise typer.Exit(1)
@@ -99,6 +108,46 @@ def tag_command(
         raise typer.Exit(1)
     typer.echo(result["summary"])
     return result
+
+
+@contextlib.contextmanager
+def no_record_left_on_failure(output: str) -> Iterator[None]:
+    """A job that fails before its first part (the pipeline does not load: weights not
+    downloaded) leaves no job record it wrote, so that the corrected command starts afresh
+    rather than meeting a record of a job that never ran."""
+    from ..tagging.posts import JOB_FILE
+
+    folder = Path(output)
+    record = folder / JOB_FILE
+    existed, folder_existed = record.exists(), folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and record.is_file() and not any(p.name.startswith("part-") for p in folder.iterdir()):
+            record.unlink()
+            if not folder_existed and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show the job's own warnings (repeated ids) as ``tag: warning: ...`` lines, when
+    they happen, rather than with Python's file and line."""
+    from ..tagging.job import DuplicateIdsWarning
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, DuplicateIdsWarning):
+                typer.echo(f"tag: warning: {message}", err=True)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        warnings.simplefilter("always", DuplicateIdsWarning)
+        yield
 
 
 def precision_problem(precision: str, model: Path) -> Optional[str]:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pickle
+import urllib.error
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -141,8 +142,12 @@ def fetch_torchvision_weights(url: str, download: bool = True) -> Path:
         if not download:
             raise FileNotFoundError(f"detector weights {path} are not in the torch hub cache")
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Checks the prefix before moving the finished download into place.
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix)
+        try:
+            # Checks the prefix before moving the finished download into place.
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix)
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            # One line that says how to get the weights, not urllib's chain of tracebacks.
+            raise WeightsUnavailableError(weights_unavailable_message(url, path, err)) from None
         return path
     digest = file_sha256(path)
     if not digest.startswith(prefix):
@@ -151,6 +156,20 @@ def fetch_torchvision_weights(url: str, download: bool = True) -> Path:
             f"{prefix!r}, the hash in its name (a corrupt or replaced file; delete it to download it again)"
         )
     return path
+
+
+class WeightsUnavailableError(OSError):
+    """Pretrained detector weights are not in the torch hub cache and cannot be downloaded."""
+
+
+def weights_unavailable_message(url: str, path: Path, err: BaseException) -> str:
+    reason = " ".join(str(getattr(err, "reason", err)).split())
+    return (
+        f"cannot download the detector weights {url} ({reason}), and they are not in the torch hub "
+        f"cache. Download that file elsewhere and copy it to {path} (its sha256 is checked against "
+        "the hash in its name), or use a local .pth/.safetensors file as the weights (`weights` in "
+        "the detector's config block, `--weights` on the command line)."
+    )
 
 
 def freeze_batch_norm(module: torch.nn.Module) -> None:

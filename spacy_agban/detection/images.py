@@ -78,6 +78,17 @@ class ImageSource:
 
 
 @dataclass
+class KeyedImage:
+    """An image already hashed: its content key (sha256 of the bytes), its reference
+    (named in messages, read again if ``source`` is None) and its bytes when at hand.
+    What the detection and captioning stages take, so that an image is hashed once."""
+
+    key: str
+    ref: Any
+    source: Optional[ImageSource] = None
+
+
+@dataclass
 class LoadedImage:
     """A decoded RGB image and the factor it was scaled by (loaded = original * scale)."""
 

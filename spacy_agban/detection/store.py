@@ -114,10 +114,12 @@ class FeatureStore:
         self.timeout = timeout
         self.create = create
         self._local = threading.local()
-        if create:
+        if create and not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        elif not self.path.is_file():
+        elif not create and not self.path.exists():
             raise FileNotFoundError(missing_store_message(self.path))
+        else:  # opening touches the file: only a feature store may be opened
+            check_is_feature_store(self.path, create)
         self._setup(self._connection())
 
     def __getstate__(self) -> Dict[str, object]:
@@ -288,12 +290,86 @@ class FeatureStore:
         return [Failure(*row) for row in rows]
 
 
-def missing_store_message(path: Path) -> str:
+def missing_store_message(path: Path, looked_for: Optional[Path] = None, saved: Optional[Path] = None) -> str:
+    """path: as configured; looked_for: where it was looked for (default: against the
+    current folder); saved: where the pipeline was saved with it, if looked there too."""
+    where = looked_for if looked_for is not None else path.resolve()
+    also = f", nor at {saved}, where the pipeline was saved with it" if saved is not None else ""
     return (
-        f"feature store {str(path)!r} not found (looked for {path.resolve()}; a relative path "
-        "resolves against the current folder). Fill it with `python -m spacy_agban detect`, "
+        f"feature store {str(path)!r} not found (looked for {where}; a relative path "
+        f"resolves against the current folder{also}). Fill it with `python -m spacy_agban detect`, "
         "or set the store path of the object units."
     )
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+#: How long an empty file may take to become a database (a writer that just created
+#: it writes the header within milliseconds); only an empty file waits.
+_EMPTY_FILE_GRACE_S = 0.3
+
+
+class NotAFeatureStore(ValueError):
+    """The path holds something other than a feature store: it is left untouched."""
+
+
+def _read_schema(path: Path) -> Tuple[int, set]:
+    """The user_version and table names of an SQLite file, by reads only.
+
+    Read-only first (a check must not change what it checks). A read-only connection
+    to a WAL database that another process is writing can fail with "disk I/O error"
+    (it cannot set up the shared-memory index); a plain connection that only reads
+    changes nothing in the database either, so that is the fallback.
+    """
+    def read(conn: sqlite3.Connection) -> Tuple[int, set]:
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return version, tables
+        finally:
+            conn.close()
+
+    try:
+        return read(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60.0))
+    except sqlite3.OperationalError:
+        return read(sqlite3.connect(str(path), timeout=60.0))
+
+
+def check_is_feature_store(path: Path, create: bool = True) -> None:
+    """Raise :class:`NotAFeatureStore` unless ``path`` is a feature store (or, for a
+    writer, an SQLite database that holds nothing yet: what a killed first run leaves).
+
+    Reads only: an empty file, a file of another format or another program's database
+    is never given a schema (opening a path with SQLite writes to it).
+    """
+    def refuse(what: str) -> NotAFeatureStore:
+        return NotAFeatureStore(
+            f"{path} is not a feature store ({what}); it was left untouched. Name a feature "
+            "store, or a path that does not exist yet to make a new one."
+        )
+
+    if not path.is_file():
+        raise refuse("not a regular file")
+    waited = 0.0
+    while path.stat().st_size == 0 and waited < _EMPTY_FILE_GRACE_S:
+        time.sleep(0.05)
+        waited += 0.05
+    with path.open("rb") as handle:
+        header = handle.read(len(SQLITE_HEADER))
+    if not header:
+        raise refuse("an empty file")
+    if header != SQLITE_HEADER:
+        raise refuse("not an SQLite database")
+    try:
+        version, tables = _read_schema(path)
+    except sqlite3.DatabaseError as err:
+        raise refuse(f"a damaged SQLite database ({err})") from None
+    if version != 0 or "detections" in tables:
+        return  # a store, or a versioned database that _setup refuses by its version
+    if version == 0 and not tables and create:
+        return
+    if not tables:
+        raise refuse("an SQLite database without tables")
+    raise refuse(f"an SQLite database of other tables: {', '.join(sorted(tables)[:5])}")
 
 
 def _encode_row(det: Detections) -> Tuple[int, int, bytes, str, bytes, bytes]:

@@ -5,7 +5,7 @@ thinc 8.3's ``PyTorchShim.finish_update`` does, for every parameter and every st
 ``param.data`` is a DLPack tensor over a numpy view of the *previous* ``param.data``,
 which it keeps alive. Nothing in that chain is ever freed: each training step adds
 one tensor and a few numpy views per parameter (same storage, ~20 KB a step for
-AGBAN's 40-odd parameters). Measured with ``benchmarks/memory_probe.py``, that small
+AGBAN's 40-odd parameters). Measured with ``python -m benchmarks.memory probe``, that small
 leak is the cause of the unbounded RSS growth of training: the leaked objects are
 allocated every step between the step's large short-lived tensor buffers, so
 glibc's heap can neither reuse nor give back the holes (freed-but-kept heap memory

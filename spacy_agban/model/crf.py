@@ -1,6 +1,6 @@
 """CRF output layer over BIO tags (paper eq. 16-21), on pytorch-crf."""
 import functools
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy
 
@@ -46,6 +46,7 @@ class CRFOutput(nn.Module):
         # decoding only (not weights, not saved): the pipe sets them from its config
         self.bio_constraints = False
         self.min_confidence = 0.0
+        self.store_confidence = False  # decode_scored also returns each entity's confidence
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         return self.emissions(self.dropout(features))
@@ -66,7 +67,15 @@ class CRFOutput(nn.Module):
     def decode(
         self, features: torch.Tensor, mask: torch.Tensor, outside_only: Optional[torch.Tensor] = None
     ) -> List[List[int]]:
-        """Viterbi decoding (eq. 21), batched (same result as ``self.crf.decode``).
+        """The tags of :meth:`decode_scored`."""
+        return self.decode_scored(features, mask, outside_only)[0]
+
+    def decode_scored(
+        self, features: torch.Tensor, mask: torch.Tensor, outside_only: Optional[torch.Tensor] = None
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Viterbi decoding (eq. 21), batched (same result as ``self.crf.decode``), and
+        with ``store_confidence`` on, each entity's confidence (:func:`entity_confidences`,
+        per doc in the order of :func:`~.tags.entity_spans`; else None).
 
         ``outside_only`` (B, T) bool marks tokens that may only take the O tag
         (whitespace: spaCy never puts an entity on it); the constraint is part of the
@@ -89,22 +98,38 @@ class CRFOutput(nn.Module):
             forbidden = torch.zeros_like(scores, dtype=torch.bool)
             forbidden[..., OUTSIDE_TAG + 1:] = outside_only.unsqueeze(-1)
             scores = scores.masked_fill(forbidden, torch.finfo(scores.dtype).min / 4)
-        if scores.device.type == "cpu" and scores.dtype == torch.float32 and not use_reference():
+        numpy_path = scores.device.type == "cpu" and scores.dtype == torch.float32 and not use_reference()
+        if numpy_path:
             # numpy: the same float32 sums and first-max ties, without torch's per-op cost
             # (a tweet is ~20 steps of 9 x 9 tags, where that cost is most of the time)
-            tags = viterbi_decode_numpy(
-                scores.detach().numpy(), mask.numpy(), start.detach().numpy(),
-                transitions.detach().numpy(), end.detach().numpy(),
-            )
+            arrays = [x.detach().numpy() for x in (scores, mask, start, transitions, end)]
+            tags = viterbi_decode_numpy(*arrays)
         else:
             tags = viterbi_decode(scores, mask, start, transitions, end)
-        if self.min_confidence > 0:
+        if self.min_confidence <= 0 and not self.store_confidence:
+            return tags, None
+        if numpy_path:  # ~10x cheaper than the torch loop on CPU, as for Viterbi
+            marginals = crf_marginals_numpy(*arrays)
+        else:
             with torch.no_grad():  # in float32: float16 sums are ~0.01 off, enough to flip a close entity
                 marginals = crf_log_marginals(
                     scores.float(), mask, start.float(), transitions.float(), end.float()
-                ).exp()
-            tags = drop_unsure_entities(tags, marginals.cpu().numpy(), self.min_confidence)
-        return tags
+                ).exp().cpu().numpy()
+        if self.min_confidence > 0:
+            tags = drop_unsure_entities(tags, marginals, self.min_confidence)
+        # the same marginals and the same reading of entities as the threshold, so a kept
+        # entity's confidence is >= min_confidence and a dropped one's was below it
+        return tags, entity_confidences(tags, marginals) if self.store_confidence else None
+
+
+def entity_confidences(tags: List[List[int]], marginals: numpy.ndarray) -> List[List[float]]:
+    """Each entity's confidence, per doc in the order of :func:`~.tags.entity_spans`:
+    the smallest marginal probability, over its tokens, of the tag each was decoded
+    with (marginals (B, T, K) from :func:`crf_log_marginals`)."""
+    return [
+        [float(min(probs[t, row[t]] for t in range(start, end))) for start, end, _ in entity_spans(row)]
+        for row, probs in zip(tags, marginals)
+    ]
 
 
 def drop_unsure_entities(tags: List[List[int]], marginals: numpy.ndarray, min_confidence: float) -> List[List[int]]:
@@ -120,10 +145,10 @@ def drop_unsure_entities(tags: List[List[int]], marginals: numpy.ndarray, min_co
     Dropping a whole entity leaves a valid BIO sequence.
     """
     result = []
-    for row, probs in zip(tags, marginals):
+    for row, confidences in zip(tags, entity_confidences(tags, marginals)):
         row = list(row)
-        for start, end, _ in entity_spans(row):
-            if min(probs[t, row[t]] for t in range(start, end)) < min_confidence:
+        for (start, end, _), confidence in zip(entity_spans(row), confidences):
+            if confidence < min_confidence:
                 row[start:end] = [OUTSIDE_TAG] * (end - start)
         result.append(row)
     return result
@@ -156,6 +181,47 @@ def crf_log_marginals(
         step = torch.logsumexp(transitions + nxt, dim=2)
         betas.insert(0, torch.where(mask[:, t + 1].unsqueeze(1), step, end.expand(batch, -1)))
     return torch.stack(alphas, dim=1) + torch.stack(betas, dim=1) - log_z[:, None, None]
+
+
+def crf_marginals_numpy(
+    emissions: numpy.ndarray,
+    mask: numpy.ndarray,
+    start: numpy.ndarray,
+    transitions: numpy.ndarray,
+    end: numpy.ndarray,
+) -> numpy.ndarray:
+    """:func:`crf_log_marginals` (exponentiated) in numpy, for prediction on CPU.
+
+    Forward-backward in probability space, each step rescaled to sum to one (the
+    scale cancels in the marginals), in float64: one matrix product per step where
+    the log-space loop needs a logsumexp over (B, K, K). Scores are shifted by their
+    maximum before ``exp`` (per token for the emissions), which cancels too; a score
+    at the ``bio_penalties`` floor becomes an exact 0. Returns float32.
+    """
+    weights = numpy.asarray(emissions, dtype=numpy.float64)
+    batch, length, n_tags = weights.shape
+    weights = numpy.exp(weights - weights.max(axis=2, keepdims=True))
+    mask = numpy.asarray(mask, dtype=bool)
+    trans = numpy.exp(transitions.astype(numpy.float64) - transitions.max())
+    alphas = numpy.empty((batch, length, n_tags))
+    alpha = numpy.exp(start.astype(numpy.float64) - start.max()) * weights[:, 0]
+    alphas[:, 0] = alpha = alpha / alpha.sum(axis=1, keepdims=True)
+    for t in range(1, length):
+        step = (alpha @ trans) * weights[:, t]
+        step /= step.sum(axis=1, keepdims=True)
+        alphas[:, t] = alpha = numpy.where(mask[:, t, None], step, alpha)
+    final = numpy.exp(end.astype(numpy.float64) - end.max())
+    final /= final.sum()
+    betas = numpy.empty((batch, length, n_tags))
+    betas[:, length - 1] = beta = numpy.broadcast_to(final, (batch, n_tags))
+    for t in range(length - 2, -1, -1):
+        step = (weights[:, t + 1] * beta) @ trans.T
+        step /= step.sum(axis=1, keepdims=True)
+        betas[:, t] = beta = numpy.where(mask[:, t + 1, None], step, final)  # the doc's last token: end
+    marginals = alphas * betas
+    # float32, as the torch path's: the confidences stored (float32, as spancat's scores)
+    # are then exactly the values min_confidence was compared with
+    return (marginals / marginals.sum(axis=2, keepdims=True)).astype(numpy.float32)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy
 
-from ..detection.images import ImageLoader, ImageLoadError, ImageSource
+from ..detection.images import ImageLoader, ImageLoadError, ImageSource, KeyedImage
 from ..detection.store import Detections
 from ..units.base import ObjectUnitSource
 
@@ -50,6 +50,9 @@ BAD_CAPTION = "bad_caption"
 DETECTOR = "detector"
 #: Reading an image's stored features failed (a damaged store row or dataset file).
 OBJECTS = "objects"
+#: The features dataset could not be read for an image (a damaged file): its objects
+#: were looked up in the pipeline's own store and detector instead.
+FEATURES = "features"
 TAG = "tag"
 #: Image failures are ``image_<ImageLoadError.kind>``: image_missing, image_corrupt, ...
 IMAGE_PREFIX = "image_"
@@ -127,6 +130,22 @@ def parse_lines(lines: Sequence[str], wheres: Sequence[str], columns: PostColumn
     return parse_records(records, wheres, columns)
 
 
+def post_id(record: Dict[str, Any], where: str, columns: PostColumns) -> Tuple[str, List[str]]:
+    """A record's id as the output names it, and what was wrong with it: a record
+    without a usable id is named by its place (``where``), which no other post has."""
+    raw_id = record.get(columns.id)
+    if _missing(raw_id) or (isinstance(raw_id, str) and not raw_id.strip()):
+        return where, [error(BAD_INPUT, f"{where}: no {columns.id!r}; the row is named by its place")]
+    if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+        the_id, bad = _replace_surrogates(str(raw_id))
+        if bad:
+            return the_id, [error(BAD_INPUT, f"{where}: {columns.id!r} holds {bad} lone surrogate(s) "
+                                             "(not Unicode), replaced by U+FFFD")]
+        return the_id, []
+    return where, [error(BAD_INPUT, f"{where}: {columns.id!r} must be a string or an integer, "
+                                    f"not {type(raw_id).__name__}")]
+
+
 def parse_records(records: Sequence[Any], wheres: Sequence[str], columns: PostColumns) -> Batch:
     """Records (dicts) -> ``id``, ``text``, ``image``, ``caption``, ``errors``.
 
@@ -135,7 +154,6 @@ def parse_records(records: Sequence[Any], wheres: Sequence[str], columns: PostCo
     """
     batch: Batch = {name: [] for name in POST_COLUMNS}
     for record, where in zip(records, wheres):
-        errors: List[str] = []
         if isinstance(record, Malformed):
             batch["id"].append(where)
             batch["text"].append(None)
@@ -143,19 +161,7 @@ def parse_records(records: Sequence[Any], wheres: Sequence[str], columns: PostCo
             batch["caption"].append(None)
             batch["errors"].append([error(BAD_INPUT, f"{where}: {record.reason}: {_excerpt(record.raw)!r}")])
             continue
-        raw_id = record.get(columns.id)
-        if _missing(raw_id) or (isinstance(raw_id, str) and not raw_id.strip()):
-            errors.append(error(BAD_INPUT, f"{where}: no {columns.id!r}; the row is named by its place"))
-            post_id = where
-        elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
-            post_id, bad = _replace_surrogates(str(raw_id))
-            if bad:
-                errors.append(error(BAD_INPUT, f"{where}: {columns.id!r} holds {bad} lone surrogate(s) "
-                                                "(not Unicode), replaced by U+FFFD"))
-        else:
-            errors.append(error(BAD_INPUT, f"{where}: {columns.id!r} must be a string or an integer, "
-                                            f"not {type(raw_id).__name__}"))
-            post_id = where
+        the_id, errors = post_id(record, where, columns)
         text = record.get(columns.text)
         if not isinstance(text, str):
             what = "missing" if _missing(text) else f"of type {type(text).__name__}, not a string"
@@ -191,7 +197,7 @@ def parse_records(records: Sequence[Any], wheres: Sequence[str], columns: PostCo
             errors.append(error(BAD_CAPTION, f"the caption has {len(caption)} characters, over "
                                              f"{MAX_CAPTION_CHARS}; tagged without it"))
             caption = None
-        batch["id"].append(post_id)
+        batch["id"].append(the_id)
         batch["text"].append(text)
         batch["image"].append(image)
         batch["caption"].append(caption)
@@ -254,6 +260,51 @@ def load_images(batch: Batch, loader: ImageLoader) -> Batch:
     return {**batch, "image_key": keys, "image_bytes": datas, "errors": errors}
 
 
+# -- 2b. captions (a pipeline with an image_captioner) ------------------------------------
+
+#: Captioning an image failed: the post is tagged without a caption.
+CAPTIONER = "captioner"
+
+
+def captioner_of(nlp: Any) -> Any:
+    """The pipeline's (first) image_captioner component, or None."""
+    from ..units.captioner import captioner_pipes
+
+    found = captioner_pipes(nlp)
+    return found[0][1] if found else None
+
+
+def caption(batch: Batch, captioner: Any) -> Batch:
+    """Captions for the posts that have an image (read: ``image_key``) and no caption,
+    from ``captioner.lookup`` (an ImageCaptioner: its caption store first, its model
+    on the misses), so that a pipeline reading captions sees the image. Adds
+    ``caption_status``: none, given, cached (from the store), generated or failed
+    (with a ``captioner`` error on the row; the post is tagged without a caption)."""
+    from ..units.captioner import CaptionOutcome
+
+    n = len(batch["id"])
+    errors = [list(e) for e in batch["errors"]]
+    captions = list(batch["caption"])
+    status = ["given" if c is not None else "none" for c in captions]
+    keys, datas, names = batch["image_key"], batch["image_bytes"], batch["image"]
+    todo = [i for i in range(n) if captions[i] is None and keys[i] is not None and batch["text"][i] is not None]
+    images = [KeyedImage(keys[i], names[i], ImageSource(name=names[i], data=datas[i]) if datas[i] else None)
+              for i in todo]
+    try:
+        found = captioner.lookup(images) if images else {}
+    except Exception as err:  # the model itself failed: every post of the batch goes on without
+        found = {im.key: CaptionOutcome("failed", None, im.ref, f"captioning failed: {err}") for im in images}
+    for i in todo:
+        outcome = found[keys[i]]
+        if outcome.status in ("cached", "generated"):
+            captions[i], status[i] = outcome.caption or None, outcome.status
+        else:
+            status[i] = "failed"
+            errors[i].append(error(CAPTIONER, f"{names[i]}: {outcome.reason or 'no caption'}; "
+                                              "tagged without a caption"))
+    return {**batch, "caption": captions, "caption_status": status, "errors": errors}
+
+
 # -- 3. detection ------------------------------------------------------------------------
 
 
@@ -293,7 +344,6 @@ def detect(batch: Batch, units: Any) -> Batch:
     image could not be read or was refused, or detection failed; with an error
     on the row).
     """
-    from ..units.objects import KeyedImage
 
     n = len(batch["id"])
     errors = [list(e) for e in batch["errors"]]
@@ -306,7 +356,11 @@ def detect(batch: Batch, units: Any) -> Batch:
     images = [KeyedImage(keys[i], names[i], ImageSource(name=names[i], data=datas[i]) if datas[i] else None)
               for i in indices]
     found = _lookup(units, images)
+    unread = _unread_features(units)
     for i in indices:
+        if keys[i] in unread:
+            errors[i].append(error(FEATURES, f"{names[i]}: {unread[keys[i]]}; its objects were looked up "
+                                             "in the pipeline's store and detector instead"))
         outcome = found[keys[i]]
         if outcome.status in ("cached", "detected"):
             status[i], objects[i] = outcome.status, outcome.detections
@@ -326,6 +380,14 @@ def detect(batch: Batch, units: Any) -> Batch:
     out["obj_scores"] = [r[2] for r in rows]
     out["obj_boxes"] = [r[3] for r in rows]
     return out
+
+
+def _unread_features(units: Any) -> Dict[str, str]:
+    """The images the features dataset could not be read for in the last lookups
+    (content key -> why), taken from it (:meth:`~.features.FeatureDataset.take_unread`)."""
+    reader = getattr(units, "features", None)
+    take = getattr(reader, "take_unread", None)
+    return take() if callable(take) else {}
 
 
 def _lookup(units: Any, images: List[Any]) -> Dict[str, Any]:
@@ -398,8 +460,9 @@ def _units_of(batch: Batch, i: int) -> list:
 
 
 def _entities(doc: Any) -> List[Dict[str, Any]]:
-    return [{"start_char": e.start_char, "end_char": e.end_char, "label": e.label_, "text": e.text}
-            for e in doc.ents]
+    # confidence: the CRF's, as the pipe stores it (None with store_confidence off)
+    return [{"start_char": e.start_char, "end_char": e.end_char, "label": e.label_, "text": e.text,
+             "confidence": e._.agban_confidence} for e in doc.ents]
 
 
 def _visual_units(doc: Any) -> List[Dict[str, Any]]:
@@ -506,6 +569,15 @@ def format_summary(counts: Counter, seconds: float, engine: str) -> str:
         lines.append("images: " + ", ".join(f"{images[k]} {names.get(k, k)}" for k in order))
     if errors:
         lines.append("errors by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())))
+    captions = {k.split(":", 1)[1]: v for k, v in counts.items()
+                if k.startswith("caption:") and k not in ("caption:none", "caption:given")}
+    if captions:
+        names = {"generated": "generated", "cached": "read from the caption store", "failed": "failed"}
+        lines.append("captions of images: " + ", ".join(f"{captions[k]} {names.get(k, k)}" for k in sorted(captions)))
+    if errors.get(FEATURES):
+        lines.append(f"features: the features dataset could not be read for the images of {errors[FEATURES]} "
+                     "posts (a damaged file, named in their error); they were looked up in the pipeline's "
+                     "store and detector instead.")
     return "\n".join(lines)
 
 
@@ -533,7 +605,7 @@ def output_schema() -> Any:
     import pyarrow as pa
 
     entity = pa.struct([("start_char", pa.int32()), ("end_char", pa.int32()),
-                        ("label", pa.string()), ("text", pa.string())])
+                        ("label", pa.string()), ("text", pa.string()), ("confidence", pa.float64())])
     unit = pa.struct([("source", pa.string()), ("label", pa.string()), ("score", pa.float64())])
     return pa.schema([
         ("id", pa.string()), ("entities", pa.list_(entity)), ("visual_units", pa.list_(unit)),
@@ -552,7 +624,7 @@ def stage_schema(names: Sequence[str]) -> Any:
         "errors": pa.list_(pa.string()), "image_key": pa.string(), "image_bytes": pa.binary(),
         "image_status": pa.string(), "obj_features": pa.binary(), "obj_labels": pa.list_(pa.string()),
         "obj_scores": pa.list_(pa.float32()), "obj_boxes": pa.list_(pa.float32()),
-        "part": pa.int64(), "row": pa.int64(),
+        "part": pa.int64(), "row": pa.int64(), "caption_status": pa.string(),
     }
     return pa.schema([(name, types[name]) for name in names])
 

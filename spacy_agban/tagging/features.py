@@ -56,6 +56,13 @@ class FeatureDataset:
         self.writable = writable
         self.fs, self.path = _filesystem(self.root)
         self._index: Dict[str, Dict[str, str]] = {}  # sig -> image key -> file
+        # Files whose keys could not be read (sig -> file -> why: any image not found
+        # may be in one), keys of files that could not be read past them (sig -> key ->
+        # why), and the images a lookup could not read for, until taken by
+        # :meth:`take_unread`: a damaged file costs only the images it may hold.
+        self._unindexed: Dict[str, Dict[str, str]] = {}
+        self._lost: Dict[str, Dict[str, str]] = {}
+        self._unread: Dict[str, str] = {}
 
     def __getstate__(self) -> Dict[str, Any]:  # filesystems and indexes are rebuilt where used
         return {"root": self.root, "writable": self.writable}
@@ -172,26 +179,59 @@ class FeatureDataset:
 
             index = {}
             for path in self.files(sig):
-                for key in pq.read_table(path, columns=["image_key"], filesystem=self.fs)["image_key"].to_pylist():
+                try:
+                    keys = pq.read_table(path, columns=["image_key"], filesystem=self.fs)["image_key"].to_pylist()
+                except Exception as err:  # a damaged file: the keys it holds are unknown
+                    self._unindexed.setdefault(sig, {})[path] = f"cannot read {path}: {_one_line(err)}"
+                    continue
+                for key in keys:
                     index.setdefault(key, path)
             self._index[sig] = index
         return index
 
     def get_many(self, image_keys: Iterable[str], sig: str) -> Dict[str, Detections]:
+        """The stored detections of these images. A file that cannot be read is left
+        out (its images are misses, read elsewhere by the caller) and each image that
+        may be in it is noted for :meth:`take_unread`."""
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        index = self._keys_to_files(sig)
+        wanted = list(image_keys)
+        try:
+            index = self._keys_to_files(sig)
+        except Exception as err:  # the dataset cannot even be listed
+            self._unread.update(dict.fromkeys(wanted, f"cannot read the features dataset {self.root}: "
+                                                      f"{_one_line(err)}"))
+            return {}
         by_file: Dict[str, List[str]] = {}
-        for key in image_keys:
+        for key in wanted:
             if key in index:
                 by_file.setdefault(index[key], []).append(key)
         found: Dict[str, Detections] = {}
         for path, keys in by_file.items():
-            table = pq.read_table(path, filesystem=self.fs, filters=pc.field("image_key").isin(keys))
-            for row in table.to_pylist():
-                found.setdefault(row["image_key"], _detections(row))
+            try:
+                table = pq.read_table(path, filesystem=self.fs, filters=pc.field("image_key").isin(keys))
+                rows = [(row["image_key"], _detections(row)) for row in table.to_pylist()]
+            except Exception as err:  # damaged past its keys: none of its images is read from it again
+                why = f"cannot read {path}: {_one_line(err)}"
+                lost = [k for k, p in index.items() if p == path]
+                for key in lost:
+                    del index[key]
+                self._lost.setdefault(sig, {}).update(dict.fromkeys(lost, why))
+                continue
+            for key, det in rows:
+                found.setdefault(key, det)
+        lost, unindexed = self._lost.get(sig, {}), self._unindexed.get(sig, {})
+        for key in wanted:
+            if key not in found and (key in lost or unindexed):
+                self._unread[key] = lost.get(key) or next(iter(unindexed.values()))
         return found
+
+    def take_unread(self) -> Dict[str, str]:
+        """The images that lookups since the last call could not read because of a
+        damaged file (content key -> why), forgotten once taken."""
+        unread, self._unread = self._unread, {}
+        return unread
 
     def put_many(self, entries: Sequence[Tuple[str, Detections]], sig: str, description: Optional[Dict[str, Any]] = None) -> None:
         if not self.writable:
@@ -206,6 +246,77 @@ class FeatureDataset:
 
 def _detections(row: Dict[str, Any]) -> Detections:
     return row_to_detections(row["features"], row["labels"], row["scores"], row["boxes"], row.get("dim") or 0)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+# -- the check a tag job makes before it starts ------------------------------------------------
+
+
+def _same_type(a: Any, b: Any) -> bool:
+    """Arrow types equal up to the name of a list's item field (Parquet writers differ)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        return _same_type(a.value_type, b.value_type)
+    return a.equals(b)
+
+
+def dataset_problem(root: str, signature: Optional[str], detects: bool) -> Optional[str]:
+    """What makes ``root`` unusable as the features dataset of a job (None if nothing):
+    it does not exist, holds nothing (fine only where the job detects: it fills it),
+    holds no features of the detector signature the pipeline was trained with (the
+    same), its signatures cannot be read, or no file of that signature can be read
+    with the columns a features dataset has. A damaged file among readable ones is
+    no reason to stop: its images are looked up in the pipeline's store and detector."""
+    from pyarrow import fs
+
+    dataset = FeatureDataset(root)
+    try:
+        kind = dataset.fs.get_file_info(dataset.path).type
+        if kind == fs.FileType.NotFound:
+            hint = " (create the folder to start a dataset that this job fills)" if detects else ""
+            return f"the features dataset {root} does not exist{hint}"
+        if kind != fs.FileType.Directory:
+            return f"the features dataset {root} is a file, not a folder"
+        sigs = dataset.signatures()
+    except Exception as err:
+        return f"cannot read the features dataset {root}: {_one_line(err)}"
+    wanted = signature if signature else (next(iter(sigs)) if len(sigs) == 1 else None)
+    files = dataset.files(wanted) if wanted in sigs else []
+    if not files:
+        if detects:
+            return None  # a new dataset (or signature): the job's detector fills it
+        if not sigs:
+            return (f"the features dataset {root} holds no features (no sig=... folders of Parquet "
+                    "files): fill it with `detect --engine ray` or `features export`")
+        return (f"the features dataset {root} holds no features of the detector the pipeline was trained "
+                f"with (signature {signature or '?'}; it holds {sorted(sigs)})")
+    return _schema_problem(dataset, files)
+
+
+def _schema_problem(dataset: "FeatureDataset", files: List[str]) -> Optional[str]:
+    import pyarrow.parquet as pq
+
+    expected = feature_schema()
+    first_error = None
+    for path in files:
+        try:
+            schema = pq.read_schema(path, filesystem=dataset.fs)
+        except Exception as err:  # damaged: looked up elsewhere row by row, if another file reads
+            first_error = first_error or f"{path}: {_one_line(err)}"
+            continue
+        for name in ("image_key", "features", "labels", "scores", "boxes"):
+            index = schema.get_field_index(name)
+            if index < 0 or not _same_type(schema.field(index).type, expected.field(name).type):
+                found = "no such column" if index < 0 else str(schema.field(index).type)
+                return (f"{path} is not a features dataset file: column {name!r} should be "
+                        f"{expected.field(name).type} ({found}); its columns: {schema.names}")
+        return None
+    return f"no file of the features dataset {dataset.root} can be read (first: {first_error})"
 
 
 # -- moving features between the SQLite store and the dataset ---------------------------------

@@ -12,9 +12,10 @@ engine, in a worker), naming each post by its place (``file:line``).
 
 Output: a folder of ``part-NNNNNN.parquet`` (or ``.jsonl``) files, part ``k``
 holding input posts ``k * part_size`` to ``(k + 1) * part_size - 1`` in input
-order, plus ``_job.json`` (what the parts were made from). A part is written to
-a temporary name and renamed when complete, so an interrupted run leaves only
-complete parts, and the next run redoes only the missing ones.
+order, plus ``_job.json`` (what the parts were made from, by content: :mod:`.job`).
+A part is written to a temporary name and renamed when complete, so an
+interrupted run leaves only complete parts, and the next run redoes only the
+missing ones (and any that cannot be read back whole).
 """
 import json
 import os
@@ -240,32 +241,12 @@ class Parts:
     def name(self, index: int) -> Path:
         return self.folder / f"part-{index:06d}.{self.fmt}"
 
-    def done(self) -> Set[int]:
-        """The indices of the complete parts (a Ray job completes them in any order)."""
+    def existing(self) -> Set[int]:
+        """The indices of the parts in the folder, complete or not (a Ray job writes
+        them in any order; :func:`~.job.open_job` reads each back before counting it done)."""
         prefix, suffix = "part-", f".{self.fmt}"
         return {int(p.name[len(prefix):-len(suffix)]) for p in self.folder.glob(f"{prefix}*{suffix}")
                 if p.name[len(prefix):-len(suffix)].isdigit()}
-
-    def check_job(self, job: Dict[str, Any], resume: bool) -> Set[int]:
-        """Start or resume the job; returns the parts already done."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob("*.tmp"):
-            stale.unlink()  # a part cut off mid-write
-        path = self.folder / JOB_FILE
-        done = self.done()
-        if path.exists():
-            before = json.loads(path.read_text())
-            if before != job:
-                changed = sorted(k for k in set(before) | set(job) if before.get(k) != job.get(k))
-                raise InputError(f"{self.folder} holds parts of another job (it differs in {changed}); "
-                                 "use a new output folder")
-            if done and not resume:
-                raise InputError(f"{self.folder} already holds {len(done)} parts; pass --resume to go on "
-                                 "after them, or use a new output folder")
-        elif any(self.folder.iterdir()):
-            raise InputError(f"output folder {self.folder} is not empty and holds no {JOB_FILE}")
-        path.write_text(json.dumps(job, indent=2, sort_keys=True))
-        return done
 
     def write(self, index: int, batch: Batch) -> Path:
         target = self.name(index)
@@ -301,12 +282,3 @@ def read_output(folder: Path) -> List[Dict[str, Any]]:
         with f.open(encoding="utf-8") as handle:
             rows.extend(json.loads(line) for line in handle if line.strip())
     return rows
-
-
-def job_description(input_path: Path, columns: PostColumns, part_size: int, fmt: str, model: str,
-                    precision: str = "fp32") -> Dict[str, Any]:
-    job = {"input": str(input_path), "columns": asdict(columns), "part_size": part_size,
-           "format": fmt, "model": str(model)}
-    if precision != "fp32":  # a resumed job keeps its precision; fp32 jobs read as before
-        job["precision"] = precision
-    return job

@@ -2,13 +2,15 @@
 
     plan parts (driver: the reader of :mod:`.posts`, as the local engine)
       -> read + parse each part, its image bytes + sha256 (tasks, one per part)
+      -> captions (actor pool, with an image_captioner: caption store, model on the misses)
       -> objects (actor pool: features dataset, store, detector on the misses)
       -> tag (CPU actor pool: the pipeline loaded once per actor)
       -> the driver writes each part once all its rows are back
 
 Every stage runs a function of :mod:`.core` on plain Arrow columns: no
 ``Language`` or ``Doc`` crosses a process. The output is the local engine's:
-numbered parts and ``_job.json`` (:class:`~.posts.Parts`), so a job that stops
+numbered parts and ``_job.json`` (:mod:`.job`: what the job depends on, by
+content, checked before a cluster is started), so a job that stops
 (driver killed, cluster lost) resumes where it stopped with the same command,
 and rows keep their input order and ``file:line`` names.
 
@@ -32,14 +34,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import core
-from .models import load_object_units, load_tagger, object_units_block, unit_overrides
+from .job import start_job
+from .models import PipelineReads, describe_pipeline, load_captioner, load_object_units, load_tagger
 from .posts import (
     Input,
     InputError,
     Parts,
-    job_description,
     open_input,
-    plan_parts,
     read_part,
     segments_from_json,
     segments_to_json,
@@ -68,6 +69,12 @@ class RayOptions:
     detect_batch_size: int = 16
     detect_resources: Dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"  # the tag actors' transformer (spacy_agban.inference.precision)
+    # the caption stage (a pipeline with an image_captioner): actors, CPUs and GPUs each
+    # (None: 1 if the cluster has a GPU, else 0), images per batch
+    caption_actors: int = 1
+    caption_cpus: float = 1.0
+    caption_gpus: Optional[float] = None
+    caption_batch_size: int = 16
 
 
 @dataclass
@@ -78,22 +85,26 @@ class Stages:
     read: Any = None
     objects: Any = None
     tag: Any = None
+    caption: Any = None
 
     def __post_init__(self) -> None:
         self.read = self.read or read_part_batch
         self.objects = self.objects or ObjectsActor
         self.tag = self.tag or TagActor
+        self.caption = self.caption or CaptionActor
 
 
-def needed_cpus(options: RayOptions, detect: bool = True) -> float:
+def needed_cpus(options: RayOptions, detect: bool = True, caption: bool = False) -> float:
     actors = options.tag_actors * options.tag_cpus
     if detect:
         actors += options.detect_actors * options.detect_cpus
+    if caption:
+        actors += options.caption_actors * options.caption_cpus
     return actors + max(1.0, options.io_cpus)  # plus room for the read/parse/load tasks
 
 
 @contextmanager
-def cluster(options: RayOptions, detect: bool = True) -> Iterator[Any]:
+def cluster(options: RayOptions, detect: bool = True, caption: bool = False) -> Iterator[Any]:
     """Join ``options.address``, use the cluster already started in this process,
     or start a local one without a dashboard (shut down after)."""
     import ray
@@ -103,7 +114,7 @@ def cluster(options: RayOptions, detect: bool = True) -> Iterator[Any]:
         if options.address:
             ray.init(address=options.address)
         else:
-            cpus = options.num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus(options, detect)))
+            cpus = options.num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus(options, detect, caption)))
             # Ray's servers listen on every interface (it offers no option to narrow
             # that); its token authentication guards them. Ray reads RAY_AUTH_MODE
             # when imported, so it is the user's to set (docs/ray.md); 2.60 turns
@@ -117,14 +128,23 @@ def cluster(options: RayOptions, detect: bool = True) -> Iterator[Any]:
             ray.shutdown()
 
 
-def check_resources(ray: Any, options: RayOptions, num_gpus: float, detect: bool) -> None:
+def check_resources(ray: Any, options: RayOptions, num_gpus: float, detect: bool,
+                    caption_gpus: Optional[float] = None) -> None:
+    """caption_gpus: GPUs per caption actor (None: no caption stage)."""
     have = ray.cluster_resources()
-    cpus = needed_cpus(options, detect)
+    caption = caption_gpus is not None
+    cpus = needed_cpus(options, detect, caption)
     if have.get("CPU", 0) < cpus:
+        captions = f"caption {options.caption_actors} x {options.caption_cpus:g}, " if caption else ""
         raise InputError(
             f"the stages ask for {cpus:g} CPUs (detect {options.detect_actors} x {options.detect_cpus:g}, "
-            f"tag {options.tag_actors} x {options.tag_cpus:g}, I/O tasks 1) but the cluster "
+            f"{captions}tag {options.tag_actors} x {options.tag_cpus:g}, I/O tasks 1) but the cluster "
             f"has {have.get('CPU', 0):g}: use fewer actors or smaller --*-cpus")
+    if caption and (caption_gpus or 0) * options.caption_actors + (num_gpus * options.detect_actors if detect else 0) \
+            > have.get("GPU", 0):
+        raise InputError(f"{options.caption_actors} caption actors x {caption_gpus:g} GPUs and the detect actors' "
+                         f"ask for more GPUs than the cluster's {have.get('GPU', 0):g}: lower --caption-gpus "
+                         "or --num-gpus (fractions share a GPU)")
     gpus = num_gpus * options.detect_actors if detect else 0
     if gpus > have.get("GPU", 0):
         raise InputError(f"{options.detect_actors} detect actors x {num_gpus:g} GPUs = {gpus:g} GPUs, "
@@ -180,9 +200,8 @@ class ObjectsActor:
     """The pipeline's object units, loaded once: the features dataset and the store
     are read first, the detector (if configured) runs on the misses only."""
 
-    def __init__(self, model: str, changes: Dict[str, Any], features: Optional[str], use_gpu: bool):
-        self.units = load_object_units(model, {**changes, "detector.device": _device(use_gpu)},
-                                       features=features, shared=True)
+    def __init__(self, reads: PipelineReads, features: Optional[str], use_gpu: bool):
+        self.units = load_object_units(reads, features=features, shared=True, device=_device(use_gpu))
         self.units.max_warnings = 0  # failures are rows, not warnings
 
     def __call__(self, table: Any) -> Any:
@@ -191,7 +210,23 @@ class ObjectsActor:
             out = core.detect(batch, self.units)
         except Exception as err:  # the whole batch failed: each post keeps its text
             out = failed_detection(batch, err)
-        return _stage_table(out, core.POST_COLUMNS + ("image_key",) + core.OBJECT_COLUMNS)
+        caption = ("caption_status",) if "caption_status" in out else ()
+        return _stage_table(out, core.POST_COLUMNS + ("image_key",) + core.OBJECT_COLUMNS + caption)
+
+
+class CaptionActor:
+    """The pipeline's image_captioner alone, loaded once: captions the posts that have
+    an image and no caption (its caption store first, its model on the misses)."""
+
+    def __init__(self, reads: PipelineReads, use_gpu: bool, keep_bytes: bool = True):
+        self.captioner = load_captioner(reads, device=_device(use_gpu))
+        self.captioner.skipped.limit = 0  # failures are rows, not warnings
+        self.keep_bytes = keep_bytes  # for the objects stage after this one
+
+    def __call__(self, table: Any) -> Any:
+        out = core.caption(table.to_pydict(), self.captioner)
+        kept = ("image_key", "image_bytes") if self.keep_bytes else ("image_key",)
+        return _stage_table(out, core.POST_COLUMNS + kept + ("caption_status",))
 
 
 def failed_detection(batch: core.Batch, err: Exception) -> core.Batch:
@@ -212,8 +247,8 @@ def failed_detection(batch: core.Batch, err: Exception) -> core.Batch:
 class TagActor:
     """Loads the pipeline once (its object units come from columns); tags each batch."""
 
-    def __init__(self, model: str, batch_size: int, precision: str = "fp32"):
-        self.nlp = load_tagger(model, objects_from_columns=True, precision=precision)
+    def __init__(self, reads: PipelineReads, batch_size: int):
+        self.nlp = load_tagger(reads, objects_from_columns=True, captions_from_columns=True)
         self.batch_size = batch_size
 
     def __call__(self, table: Any) -> Any:
@@ -224,6 +259,7 @@ class TagActor:
         out = core.tag(batch, self.nlp, batch_size=self.batch_size)
         out["part"], out["row"] = batch["part"], batch["row"]
         out["has_image"] = [ref is not None for ref in batch["image"]]
+        out["caption_status"] = batch.get("caption_status") or [None] * n
         return core.to_table(out, output_schema_with_place())
 
 
@@ -234,19 +270,10 @@ def output_schema_with_place() -> Any:
 
     schema = core.output_schema()
     return pa.schema(list(schema) + [pa.field("part", pa.int64()), pa.field("row", pa.int64()),
-                                     pa.field("has_image", pa.bool_())])
+                                     pa.field("has_image", pa.bool_()), pa.field("caption_status", pa.string())])
 
 
 # -- tag ----------------------------------------------------------------------------------
-
-
-def _loader_kwargs(model: str, changes: Dict[str, Any]) -> Dict[str, Any]:
-    _, block = object_units_block(model)
-    block = {**(block or {}), **{k: v for k, v in changes.items() if "." not in k}}
-    root = block.get("image_root")
-    return {"image_root": str(Path(root).resolve()) if root and "://" not in str(root) else root,
-            "allow_remote": bool(block.get("allow_remote", False)),
-            "max_pixels": int(block.get("max_pixels", 64_000_000))}
 
 
 def _resolve_gpus(ray: Any, num_gpus: Optional[float]) -> float:
@@ -255,76 +282,79 @@ def _resolve_gpus(ray: Any, num_gpus: Optional[float]) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def _has_detector(block: Optional[Dict[str, Any]]) -> bool:
-    return bool(block and block.get("detector"))
-
-
 def run_ray(model: str, input_path: str, output: str, columns: core.PostColumns = core.PostColumns(),
             options: Optional[RayOptions] = None, image_root: Optional[str] = None,
             allow_remote: Optional[bool] = None, features: Optional[str] = None, part_size: int = 10000,
-            output_format: str = "parquet", resume: bool = True, stages: Optional[Stages] = None) -> Dict[str, Any]:
+            output_format: str = "parquet", resume: bool = True, stages: Optional[Stages] = None,
+            unique_ids: bool = False) -> Dict[str, Any]:
     """Tag every post of ``input_path`` on Ray Data into numbered parts under ``output``.
 
     The driver plans the parts and writes them; the workers read the posts (the
     input must be at the same path on every node: a shared mount), their images,
     features and detections, and tag them. ``features``: a Parquet features
     dataset (path or URI) read before the pipeline's store; detections of images
-    not in it are added to it.
+    not in it are added to it. Every check (the features dataset, the input, the
+    output folder's job) is made before a cluster is joined or started.
     """
     options = options or RayOptions()
     stages = stages or Stages()
-    model = str(Path(model).resolve())
     input_path = str(Path(input_path).resolve())
     source = open_input(Path(input_path), columns)
-    parts = Parts(Path(output), output_format)
-    done = parts.check_job(job_description(Path(input_path), columns, part_size, output_format, model,
-                                               options.precision), resume)
-    plan = plan_parts(source, part_size)
+    reads = describe_pipeline(model, image_root, allow_remote, precision=options.precision)
+    parts, plan, job = start_job(reads, source, Path(output), part_size, output_format, features, resume, unique_ids)
+    done = job.done
     todo = [(k, segs) for k, segs in enumerate(plan) if k not in done]
-    _, block = object_units_block(model)
-    changes = unit_overrides(block, image_root, allow_remote)
-    objects = block is not None
-    detector = _has_detector(block)
+    objects = reads.reads_objects
+    detector = objects and reads.has_detector
+    captions = reads.captioner is not None
     counts: Counter = Counter()
     num_gpus = 0.0
     start = time.perf_counter()
-    with cluster(options, detect=objects) as ray:
+    with cluster(options, detect=objects, caption=captions) as ray:
         from ray.data import ActorPoolStrategy
 
         num_gpus = _resolve_gpus(ray, options.num_gpus) if detector else 0.0
-        check_resources(ray, options, num_gpus, detect=objects)
+        caption_gpus = _resolve_gpus(ray, options.caption_gpus) if captions else None
+        check_resources(ray, options, num_gpus, detect=objects, caption_gpus=caption_gpus)
         start = time.perf_counter()
         if todo:
             items = [{"part": k, "segments": segments_to_json(segs)} for k, segs in todo]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             src = {"files": list(source.files), "fmt": source.fmt, "columns": asdict(source.columns)}
-            loader = _loader_kwargs(model, changes) if objects else None
+            loader = reads.loader_kwargs() if reads.reads_images else None
             ds = ds.map_batches(stages.read, fn_kwargs={"source": src, "loader": loader}, batch_format="pyarrow",
                                 batch_size=1, num_cpus=options.io_cpus)
+            if captions:
+                ds = ds.map_batches(stages.caption, fn_constructor_kwargs={"reads": reads, "use_gpu": bool(caption_gpus),
+                                                           "keep_bytes": objects},
+                                    compute=ActorPoolStrategy(size=options.caption_actors), batch_format="pyarrow",
+                                    batch_size=options.caption_batch_size, num_cpus=options.caption_cpus,
+                                    num_gpus=caption_gpus)
             if objects:
                 ds = ds.map_batches(stages.objects,
-                                    fn_constructor_kwargs={"model": model, "changes": changes, "features": features,
+                                    fn_constructor_kwargs={"reads": reads, "features": features,
                                                            "use_gpu": num_gpus > 0},
                                     compute=ActorPoolStrategy(size=options.detect_actors),
                                     batch_format="pyarrow", batch_size=options.detect_batch_size,
                                     num_cpus=options.detect_cpus, num_gpus=num_gpus,
                                     resources=(options.detect_resources or None) if detector else None)
-            ds = ds.map_batches(stages.tag, fn_constructor_kwargs={"model": model, "batch_size": options.batch_size,
-                                                                     "precision": options.precision},
+            ds = ds.map_batches(stages.tag, fn_constructor_kwargs={"reads": reads, "batch_size": options.batch_size},
                                 compute=ActorPoolStrategy(size=options.tag_actors), batch_format="pyarrow",
                                 batch_size=options.batch_size, num_cpus=options.tag_cpus, num_gpus=0)
             expected = {k: sum(s.count for s in segs) for k, segs in todo}
-            collect_parts(ds, expected, parts, counts, reads_images=objects)
+            collect_parts(ds, expected, parts, counts, reads_images=reads.reads_images)
         seconds = time.perf_counter() - start
     earlier_parts = [k for k in done if k < len(plan)]
     skipped = sum(seg.count for k in earlier_parts for seg in plan[k])  # posts an earlier run wrote
     summary = core.format_summary(counts, seconds, "ray")
     summary += core.resume_note(output, counts["posts"], skipped, len(earlier_parts))
     summary += core.images_not_read_note(counts["images_not_read"])
+    summary += job.notes(parts)
     return {"engine": "ray", "posts": counts["posts"], "posts_in_output": skipped + counts["posts"],
             "seconds": seconds, "posts_per_second": counts["posts"] / seconds if seconds > 0 else 0.0,
             "parts": len(plan), "parts_skipped": len(done), "parts_written": len(todo),
-            "counts": dict(counts), "num_gpus_per_detect_actor": num_gpus, "summary": summary}
+            "counts": dict(counts), "num_gpus_per_detect_actor": num_gpus, "summary": summary,
+            "parts_redone": sorted(job.redo), "duplicate_ids": job.record["input"].get("duplicate_ids", 0)}
 
 
 def collect_parts(ds: Any, expected: Dict[int, int], parts: Parts, counts: Counter,
@@ -336,6 +366,9 @@ def collect_parts(ds: Any, expected: Dict[int, int], parts: Parts, counts: Count
         for row in table.to_pylist():
             if row.pop("has_image", False) and not reads_images:
                 counts["images_not_read"] += 1
+            caption = row.pop("caption_status", None)
+            if caption is not None:
+                counts[f"caption:{caption}"] += 1
             part = row.pop("part")
             pending.setdefault(part, []).append((row.pop("row"), row))
             if len(pending[part]) == expected[part]:

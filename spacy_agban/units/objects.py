@@ -25,10 +25,11 @@ from ..detection.images import (
     ImageLoadError,
     ImageSource,
     ImageWarning,
+    KeyedImage,
     describe,
     is_url,
 )
-from ..detection.store import Detections, FeatureStore, missing_store_message
+from ..detection.store import Detections, FeatureStore, check_is_feature_store, missing_store_message
 
 #: Images decoded at once per detector batch; bounds memory for large doc batches.
 DECODE_BATCHES = 4
@@ -47,16 +48,6 @@ class Outcome:
     name: Optional[str] = None
     reason: Optional[str] = None
     kind: Optional[str] = None
-
-
-@dataclass
-class KeyedImage:
-    """An image already hashed: its content key (sha256 of the bytes), its reference
-    (named in messages, read again if ``source`` is None) and its bytes when at hand."""
-
-    key: str
-    ref: Any
-    source: Optional[ImageSource] = None
 
 
 class FeatureReader(Protocol):
@@ -94,11 +85,17 @@ class ObjectUnits(ObjectUnitSource):
             raise ValueError("ObjectUnits needs a feature store, a detector, or both")
         if detector is not None and top_k > detector.top_k:
             raise ValueError(f"top_k={top_k} exceeds the detector's top_k={detector.top_k}")
-        if detector is None and isinstance(store, (str, Path)) and not Path(store).is_file():
-            # Read-only: fail at load time rather than create an empty store.
-            raise FileNotFoundError(missing_store_message(Path(store)))
-        self._store_arg = store
+        #: As configured, and the file it names (a relative path against the current
+        #: folder; a saved pipeline points it at the store it was saved with: use_store).
+        self.store_arg = str(store) if isinstance(store, (str, Path)) else None
+        self.store_path = Path(store).expanduser().resolve() if isinstance(store, (str, Path)) else None
+        if detector is None and self.store_path is not None and not self.store_path.exists() \
+                and Path(store).expanduser().is_absolute():  # type: ignore[arg-type]
+            # Read-only: fail at load time rather than create an empty store. A relative
+            # path is checked once a saved pipeline has resolved it (check_store).
+            raise FileNotFoundError(missing_store_message(Path(store)))  # type: ignore[arg-type]
         self._store: Optional[FeatureStore] = store if isinstance(store, FeatureStore) else None
+        self._saved_store: Optional[Path] = None
         self.detector = detector
         self.top_k = top_k
         #: As configured (a relative one is resolved against the current folder by the loader).
@@ -151,10 +148,35 @@ class ObjectUnits(ObjectUnitSource):
 
     @property
     def store(self) -> Optional[FeatureStore]:
-        if self._store is None and self._store_arg is not None:
-            # Only a source that detects writes to the store, so only it may create one.
-            self._store = FeatureStore(self._store_arg, create=self.detector is not None and self.write_store)  # type: ignore[arg-type]
+        if self._store is None and self.store_path is not None:
+            self.check_store()
+            self._store = FeatureStore(self.store_path, create=self.creates_store)
         return self._store
+
+    @property
+    def creates_store(self) -> bool:
+        # Only a source that detects writes to the store, so only it may create one.
+        return self.detector is not None and self.write_store
+
+    def check_store(self) -> None:
+        """Raise now rather than at the first doc if the store cannot be used: missing
+        (without a detector to fill it), or a file that is not a feature store (never
+        written to). Creates nothing."""
+        if self._store is not None or self.store_path is None:
+            return
+        if self.store_path.exists():
+            check_is_feature_store(self.store_path, create=self.creates_store)
+        elif not self.creates_store:
+            raise FileNotFoundError(missing_store_message(
+                Path(self.store_arg or self.store_path), self.store_path, self._saved_store))
+
+    def use_store(self, path: Union[str, Path], saved: Optional[Union[str, Path]] = None) -> None:
+        """Read (and write) the store at ``path`` from now on. saved: where the pipeline
+        was saved with its store, named in the error if ``path`` turns out missing."""
+        self.store_path = Path(path).expanduser().resolve()
+        self._saved_store = Path(saved) if saved is not None else None
+        self._store = None
+        self._signature = None
 
     def pin_signature(self, signature: str) -> None:
         """Read only the features of this detector signature: the one the model was

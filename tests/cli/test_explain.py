@@ -251,6 +251,7 @@ def chromium() -> str:
     return found
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(caption_model, chromium, tmp_path):
     image = make_image(tmp_path / "post.jpg")
     run_explain([str(caption_model), "-o", str(tmp_path / "out"), "--text", "Kolo is here",

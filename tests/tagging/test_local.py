@@ -127,7 +127,8 @@ def test_parquet_input_renamed_columns_and_jsonl_output(objects_model, tmp_path)
               progress=False)
     out = [json.loads(line) for line in (tmp_path / "out" / "part-000000.jsonl").read_text().splitlines()]
     assert ids(out) == [f"p{i}" for i in range(5)] and all(r["error"] is None for r in out)
-    assert out[0]["entities"][0].keys() == {"start_char", "end_char", "label", "text"}
+    assert out[0]["entities"][0].keys() == {"start_char", "end_char", "label", "text", "confidence"}
+    assert all(0.0 < e["confidence"] <= 1.0 for r in out for e in r["entities"])  # the CRF's, per entity
     with pytest.raises(InputError, match="no column 'id'"):
         run_local(str(model), tmp_path / "posts.parquet", tmp_path / "other", progress=False)
 

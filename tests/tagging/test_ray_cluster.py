@@ -16,6 +16,8 @@ from batch_support import build_objects_pipeline, posts, write_jsonl  # noqa: E4
 from spacy_agban.tagging.posts import read_output  # noqa: E402
 from spacy_agban.tagging.ray_engine import ObjectsActor, RayOptions, Stages, TagActor, run_ray  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a simulated three-node Ray cluster
+
 N_POSTS = 24
 SMALL_MACHINE_ENV = {"RAY_worker_niceness": "0", "RAY_worker_register_timeout_seconds": "600",
                      "RAY_prestart_worker_first_driver": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}

@@ -23,6 +23,8 @@ from spacy_agban.tagging.local import run_local  # noqa: E402
 from spacy_agban.tagging.posts import read_output  # noqa: E402
 from spacy_agban.tagging.ray_engine import RayOptions, run_ray  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test starts a Ray cluster
+
 TIMEOUT = 600  # per test, the module's setup included for the first test that needs it
 RESUME_TIMEOUT = 300
 BAD_IMAGES = {"p3": "missing.jpg", "p9": "broken.jpg", "p14": "../outside.jpg"}

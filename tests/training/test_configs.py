@@ -159,15 +159,6 @@ def test_logger_writes_both_losses(tiny_data, tmp_path):
     assert rows[-1]["losses"]["agban_cv"] > 0  # the default trains the text-only view too
 
 
-def test_object_speed_script_says_what_its_config_measures():
-    """The object speed benchmark's pipeline has object units only; its docstring says so."""
-    script = (ROOT / "benchmarks" / "object_speed_pipeline.py").read_text(encoding="utf8")
-    agban = _model_config("agban_objects")["components"]["agban"]
-    assert agban["caption_units"] is None and agban["object_units"]
-    assert "object units only" in script and "caption and object units" not in script
-    assert "3 + up to 8 units" not in script
-
-
 # the models whose token features come from a transformer
 TRF_NAMES = [name for name in NAMES if "transformer" in _model_config(name)["paths"]]
 

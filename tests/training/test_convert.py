@@ -22,6 +22,7 @@ def captions():
     return read_captions(ASSETS / "captions_blip2.txt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "valid", "test"])
 def test_counts_on_the_shipped_data(tmp_path, captions, split):
     tweets, b_tags, entities, per_type = EXPECTED[split]

@@ -83,6 +83,7 @@ def test_sentences_split_from_a_post_keep_its_context(caption_pipeline, tmp_path
         assert [(doc_of(eg)._.image, doc_of(eg)._.image_caption) for eg in examples] == expected
 
 
+@pytest.mark.slow
 def test_only_spacy_evaluate_or_an_explicit_opt_in_patches_spacys_corpus(caption_pipeline, tmp_path):
     # a fresh process: neither the training reader nor building or loading an agban
     # pipe changes spaCy's Corpus; spacy evaluate's path does, and so does the opt-in

@@ -69,6 +69,7 @@ def test_cache_is_bounded(encoder):
     assert list(small._cache) == ["a photo of cats", "a photo of birds"]
 
 
+@pytest.mark.slow
 def test_overfit_with_encoded_captions_then_reload(tmp_path):
     nlp = spacy.blank("en")
     nlp.add_pipe("agban", config={

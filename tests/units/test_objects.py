@@ -288,8 +288,16 @@ def test_empty_store_without_detector_falls_back_with_one_warning(root: Path, tm
 
 def test_a_missing_store_is_an_error_not_created(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # run from another folder: the relative path points nowhere
-    with pytest.raises(FileNotFoundError, match=f"'stores/objects.sqlite' not found \\(looked for {tmp_path}/stores/objects.sqlite"):
-        ObjectUnits(store="stores/objects.sqlite", image_root=tmp_path)
+    missing = f"'stores/objects.sqlite' not found \\(looked for {tmp_path}/stores/objects.sqlite"
+    with pytest.raises(FileNotFoundError, match=f"'{tmp_path}/objects.sqlite' not found"):
+        ObjectUnits(store=tmp_path / "objects.sqlite", image_root=tmp_path)  # absolute: at once
+    # A relative path is checked once a saved pipeline has resolved it (check_store, at
+    # load), and in any case before the first lookup.
+    source = ObjectUnits(store="stores/objects.sqlite", image_root=tmp_path)
+    with pytest.raises(FileNotFoundError, match=missing):
+        source.check_store()
+    with pytest.raises(FileNotFoundError, match=missing):
+        source(make_docs(spacy.blank("en"), [colored(tmp_path, "a.png")]))
     with pytest.raises(FileNotFoundError, match="not found"):
         FeatureStore(tmp_path / "stores" / "objects.sqlite", create=False)
     assert not (tmp_path / "stores").exists()
@@ -300,7 +308,7 @@ def test_a_missing_store_is_an_error_not_created(tmp_path: Path, monkeypatch) ->
     store = "stores/objects.sqlite"
     """)
     with pytest.raises(FileNotFoundError, match="stores/objects.sqlite"):
-        registry.resolve(config)
+        registry.resolve(config)["units"].check_store()
     assert not (tmp_path / "stores").exists()
     # A writer (a source with a detector, the detect command) still creates it.
     assert ObjectUnits(store="stores/objects.sqlite", detector=FakeDetector()).store is not None

@@ -1,30 +1,42 @@
-"""Probe training memory: RSS (and glibc heap stats) against steps, one factor at a time.
+"""Training memory: RSS against the training step, for whole trainings side by side
+(``trainings``) or one factor at a time in a short probe (``probe``).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.memory_probe --config concat \
+    python -m benchmarks.memory trainings --run concat="concat --output training/mem/concat" \
+        --run text="bilstm_crf --output training/mem/text" --out metrics/train_memory.json
+    OMP_NUM_THREADS=1 python -m benchmarks.memory probe --config concat \
         --steps 1500 --mode train --label baseline --out metrics/memory_probe.json
 
-builds the pipeline from the config (``init_nlp``) and calls ``nlp.update`` on shuffled
-batches of 10 real training examples, like ``spacy train`` (without its evaluation
-unless ``--eval-every``). Every ``--every`` steps it records RSS (``/proc/self/statm``)
-and glibc's ``mallinfo2``: ``in_use_mb`` (bytes handed out by malloc, i.e. live objects)
-against ``heap_free_mb`` (freed bytes the heap keeps). Live-object growth shows in
-``in_use_mb``; allocator fragmentation shows in ``heap_free_mb`` with flat ``in_use_mb``.
+``trainings``: each ``--run NAME="ARGS"`` is ``python -m spacy_agban train ARGS`` (a model
+name or a .cfg path, then spaCy's options) with its own JSONL log (the step comes from the
+last line spaCy's logger wrote) and ``OMP_NUM_THREADS=1``. Every ``--every`` seconds it
+samples the resident memory of each training process and its children. The runs start
+together, so they share the machine the same way (these machines are noisy: compare runs
+within one call, not across calls).
 
-Factors: ``--mode`` featurize | forward | train, ``--stock-shim`` (thinc's own
-``PyTorchShim``/spacy-transformers' ``HFShim``, whose optimizer step leaks, instead of
-``spacy_agban.layers.shim``'s in-place twins, for agban and for the transformer), ``--count-tensors``,
-``--no-mkldnn``, ``--trim-every`` (``malloc_trim(0)`` calls), ``--gc-every``,
-``--tracemalloc`` (top Python allocation sites added in the second half); environment
-variables (``MALLOC_ARENA_MAX``,
-``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, ``MALLOC_MMAP_THRESHOLD_``) are set with ``--env
-NAME=VALUE`` since the C libraries read them at start: the run goes to a child
-process. Results are appended to ``--out`` under ``--label`` (paths relative to the repo).
+``probe`` builds the pipeline from the config (``init_nlp``) and calls ``nlp.update`` on
+shuffled batches of 10 real training examples, like ``spacy train`` (without its evaluation
+unless ``--eval-every``). Every ``--every`` steps it records RSS (``/proc/self/statm``) and
+glibc's ``mallinfo2``: ``in_use_mb`` (bytes handed out by malloc, i.e. live objects) against
+``heap_free_mb`` (freed bytes the heap keeps). Live-object growth shows in ``in_use_mb``;
+allocator fragmentation shows in ``heap_free_mb`` with flat ``in_use_mb``. Factors:
+``--mode`` featurize | forward | train, ``--stock-shim`` (thinc's own ``PyTorchShim``/
+spacy-transformers' ``HFShim``, whose optimizer step leaks, instead of
+``spacy_agban.layers.shim``'s in-place twins, for agban and for the transformer),
+``--count-tensors``, ``--no-mkldnn``, ``--trim-every`` (``malloc_trim(0)`` calls),
+``--gc-every``, ``--tracemalloc`` (top Python allocation sites added in the second half);
+environment variables (``MALLOC_ARENA_MAX``, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
+``MALLOC_MMAP_THRESHOLD_``) are set with ``--env NAME=VALUE`` since the C libraries read
+them at start: the probe runs in a child process. Results are appended to ``--out`` under
+``--label`` (paths relative to the repo).
 """
 import ctypes
 import gc
 import json
 import os
 import random
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -33,9 +45,124 @@ from typing import Dict, List, Optional
 
 import typer
 
-from .paths import ROOT, without_machine_paths
+from ._common import ROOT, without_machine_paths
 
 app = typer.Typer(add_completion=False)
+
+
+# ----- whole trainings side by side --------------------------------------------------------
+
+
+def _interruptible() -> None:
+    """In the child, before exec: SIGINT back to its default. A job started with ``&``
+    from a script ignores SIGINT, and Python keeps an ignored SIGINT ignored. With it, a
+    training stopped by hand with ``kill -INT`` ends as on Ctrl+C: spaCy's ``finally``
+    saves ``model-last`` (SIGTERM ends it without); ``model-best`` is as written at the best
+    evaluation. The log gets no "Saved pipeline" line either way."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def process_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants, in MB (0 once it has gone)."""
+    total = 0
+    for child in [pid] + descendants(pid):
+        try:
+            fields = Path(f"/proc/{child}/statm").read_text().split()
+            total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return total / 1e6
+
+
+def descendants(pid: int) -> List[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    result = [int(c) for c in children]
+    for child in list(result):
+        result += descendants(child)
+    return result
+
+
+STEP_ROW = re.compile(r"^\s*\d+\s+(\d+)\s+\d")  # "  E    #  LOSS ..." rows of spaCy's table
+
+
+def last_step(jsonl: Path, console_log: Path) -> Optional[int]:
+    """The last evaluated step: from the JSONL log, or the console table (spaCy's
+    logger buffers its JSONL file, so the console is often ahead)."""
+    steps: List[int] = []
+    if jsonl.exists():
+        for line in jsonl.read_text(errors="replace").splitlines():
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a line being written
+    if console_log.exists():
+        for line in console_log.read_text(errors="replace").splitlines():
+            match = STEP_ROW.match(line)
+            if match:
+                steps.append(int(match.group(1)))
+    return max(steps) if steps else None
+
+
+@app.command("trainings")
+def trainings(
+    run: List[str] = typer.Option(..., help='NAME="spacy train ARGS" (repeat for side by side runs)'),
+    out: Path = typer.Option(ROOT / "metrics" / "train_memory.json", help="Samples + summary JSON"),
+    every: float = typer.Option(30.0, help="Seconds between samples"),
+    logs: Path = typer.Option(ROOT / "training" / "memory", help="Where the logs go"),
+) -> None:
+    """Run whole trainings side by side; record each one's RSS against its step."""
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs: Dict[str, subprocess.Popen] = {}
+    jsonls: Dict[str, Path] = {}
+    for item in run:
+        name, sep, args = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--run takes NAME=ARGS, got {item!r}")
+        jsonls[name] = logs / f"{name}.jsonl"
+        jsonls[name].unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "spacy_agban", "train", *shlex.split(args),
+               "--training.logger.output_file", str(jsonls[name])]
+        log = (logs / f"{name}.log").open("w")
+        procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, preexec_fn=_interruptible
+        )
+    samples: Dict[str, List[Dict[str, float]]] = {name: [] for name in procs}
+    start = time.time()
+    while any(p.poll() is None for p in procs.values()):
+        for name, proc in procs.items():
+            if proc.poll() is None:
+                samples[name].append({"seconds": round(time.time() - start, 1),
+                                      "step": last_step(jsonls[name], logs / f"{name}.log"), "rss_mb": round(process_rss_mb(proc.pid), 1)})
+        write(out, samples, procs)
+        time.sleep(every)
+    # the last sample can predate the last evaluations: the summary reads the logs once more
+    final_steps = {name: last_step(jsonls[name], logs / f"{name}.log") for name in procs}
+    write(out, samples, procs, final_steps)
+    for name, proc in procs.items():
+        peak = max((s["rss_mb"] for s in samples[name]), default=0.0)
+        typer.echo(f"{name}: exit {proc.returncode}, peak RSS {peak:.0f} MB, last step {final_steps[name]}")
+
+
+def write(out: Path, samples: Dict[str, List[Dict[str, float]]], procs: Dict[str, subprocess.Popen],
+          final_steps: Optional[Dict[str, Optional[int]]] = None) -> None:
+    def step_of(name: str, rows: List[Dict[str, float]]) -> Optional[int]:
+        if final_steps is not None and final_steps.get(name) is not None:
+            return final_steps[name]
+        return next((s["step"] for s in reversed(rows) if s["step"] is not None), None)
+
+    summary = {name: {"peak_rss_mb": max((s["rss_mb"] for s in rows), default=0.0),
+                      "last_step": step_of(name, rows),
+                      "returncode": procs[name].returncode}
+               for name, rows in samples.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "samples": samples}, indent=1))
+
+
+# ----- one factor at a time ------------------------------------------------------------------
 ENV_FACTORS = ("MALLOC_ARENA_MAX", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_MMAP_THRESHOLD_",
                "MALLOC_TRIM_THRESHOLD_", "PYTHONHASHSEED", "OMP_NUM_THREADS")
 
@@ -58,13 +185,13 @@ def _libc():
 LIBC = _libc()
 
 
-def rss_mb() -> float:
+def own_rss_mb() -> float:
     fields = Path("/proc/self/statm").read_text().split()
     return int(fields[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 def sample(step: int, start: float) -> Dict[str, float]:
-    row = {"step": step, "seconds": round(time.time() - start, 1), "rss_mb": round(rss_mb(), 1)}
+    row = {"step": step, "seconds": round(time.time() - start, 1), "rss_mb": round(own_rss_mb(), 1)}
     if LIBC is not None:
         info = LIBC.mallinfo2()
         row["in_use_mb"] = round((info.uordblks + info.hblkhd) / 1e6, 1)  # live malloc'd bytes
@@ -85,8 +212,8 @@ def slope(rows: List[Dict[str, float]], key: str, skip: int) -> Optional[float]:
     return round(1000 * sum((p[0] - mx) * (p[1] - my) for p in pts) / var, 1) if var else None
 
 
-@app.command()
-def run(
+@app.command("probe")
+def probe(
     config: str = typer.Option("concat", help="A model name (configs/, variants.yml) or a .cfg path"),
     train: Path = typer.Option(ROOT / "corpus" / "train.spacy"),
     dev: Path = typer.Option(ROOT / "corpus" / "dev.spacy"),
@@ -109,13 +236,14 @@ def run(
     count_tensors: bool = typer.Option(False, "--count-tensors", help="count live torch tensors at each sample"),
     child: bool = typer.Option(False, hidden=True),
 ) -> None:
+    """Train (or only featurize / run forward) for --steps; record RSS and heap against the step."""
     if not child:
         # the C libraries read their settings at start: run the probe in a child
         child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         for item in env:
             name, _, value = item.partition("=")
             child_env[name] = value
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", *sys.argv[1:], "--child"],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", *sys.argv[1:], "--child"],
                               env=child_env)
         raise typer.Exit(proc.returncode)
 
