@@ -89,11 +89,10 @@ class ObjectUnits(ObjectUnitSource):
         #: folder; a saved pipeline points it at the store it was saved with: use_store).
         self.store_arg = str(store) if isinstance(store, (str, Path)) else None
         self.store_path = Path(store).expanduser().resolve() if isinstance(store, (str, Path)) else None
-        if detector is None and self.store_path is not None and not self.store_path.exists() \
-                and Path(store).expanduser().is_absolute():  # type: ignore[arg-type]
-            # Read-only: fail at load time rather than create an empty store. A relative
-            # path is checked once a saved pipeline has resolved it (check_store).
-            raise FileNotFoundError(missing_store_message(Path(store)))  # type: ignore[arg-type]
+        # A missing store is an error at load (the pipe calls check_store once it has
+        # looked for the copy a saved pipeline keeps in its own folder) or before the first
+        # lookup, never created empty: not here, where a saved pipeline's path is not
+        # resolved yet (a packaged pipeline's store lives inside the package).
         self._store: Optional[FeatureStore] = store if isinstance(store, FeatureStore) else None
         self._saved_store: Optional[Path] = None
         self.detector = detector

@@ -289,10 +289,11 @@ def test_empty_store_without_detector_falls_back_with_one_warning(root: Path, tm
 def test_a_missing_store_is_an_error_not_created(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # run from another folder: the relative path points nowhere
     missing = f"'stores/objects.sqlite' not found \\(looked for {tmp_path}/stores/objects.sqlite"
+    # A path is checked once a saved pipeline has resolved it (check_store, at load), and
+    # in any case before the first lookup.
+    absolute = ObjectUnits(store=tmp_path / "objects.sqlite", image_root=tmp_path)
     with pytest.raises(FileNotFoundError, match=f"'{tmp_path}/objects.sqlite' not found"):
-        ObjectUnits(store=tmp_path / "objects.sqlite", image_root=tmp_path)  # absolute: at once
-    # A relative path is checked once a saved pipeline has resolved it (check_store, at
-    # load), and in any case before the first lookup.
+        absolute.check_store()
     source = ObjectUnits(store="stores/objects.sqlite", image_root=tmp_path)
     with pytest.raises(FileNotFoundError, match=missing):
         source.check_store()
