@@ -20,7 +20,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy
 from PIL import Image, ImageOps
@@ -354,3 +354,41 @@ def pad_aspect(image: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Imag
     padded = Image.new("RGB", (new_width, new_height), (0, 0, 0))
     padded.paste(image, (0, 0))
     return padded
+
+
+def content_key(loader: "ImageLoader", ref: Any, memo: Dict[Any, str]) -> Tuple[str, Optional[ImageSource]]:
+    """sha256 of an image reference's content, and its bytes when they were read.
+
+    A file is hashed once per (path, mtime, size) and a URL fetched once per process
+    (``memo`` keeps the keys: clear it when the image root changes); a known file then
+    comes back without its bytes (None), to be read again only if it must be decoded.
+    """
+    memo_key: Any = None
+    if isinstance(ref, (str, Path)) and not (isinstance(ref, str) and is_url(ref)):
+        if isinstance(ref, str) and not ref.strip():
+            raise ImageLoadError(ref, "empty path", "missing")
+        try:
+            path = loader.resolve(ref)
+            stat = path.stat()
+            memo_key = (str(path), stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            memo_key = None  # read() gives the precise error
+    elif isinstance(ref, str):  # a URL
+        memo_key = ref
+    if memo_key is not None and memo_key in memo:
+        return memo[memo_key], None
+    source = loader.read(ref)
+    key = source.content_key()
+    if memo_key is not None:
+        memo[memo_key] = key
+    return key, source
+
+
+def first_per_key(images: Sequence[KeyedImage]) -> Dict[str, KeyedImage]:
+    """One image per distinct content key, in order; one whose bytes are at hand is
+    preferred, so that a miss is not read twice."""
+    first: Dict[str, KeyedImage] = {}
+    for image in images:
+        if image.key not in first or (first[image.key].source is None and image.source is not None):
+            first[image.key] = image
+    return first

@@ -32,7 +32,8 @@ from spacy.util import minibatch
 from .base import CaptionWarning, SkipWarnings, caption_of
 from .caption_store import CaptionStore, default_store_path
 from ..detection.images import (
-    DEFAULT_MAX_PIXELS, ImageLoader, ImageLoadError, ImageSource, ImageWarning, KeyedImage, describe, is_url,
+    DEFAULT_MAX_PIXELS, ImageLoader, ImageLoadError, ImageSource, ImageWarning, KeyedImage, content_key, describe,
+    first_per_key,
 )
 
 #: Small enough for a CPU (about 250M parameters) and native to transformers.
@@ -283,10 +284,7 @@ class ImageCaptioner:
         store, then the model on the misses (new captions are written back). The
         one keyed lookup: the pipe and the ``tag`` engines (which read and hash the
         images themselves) both call it."""
-        first: Dict[str, KeyedImage] = {}
-        for image in images:
-            if image.key not in first or (first[image.key].source is None and image.source is not None):
-                first[image.key] = image
+        first = first_per_key(images)
         found: Dict[str, CaptionOutcome] = {}
         if self.store is not None:
             hits = self.store.get_many(list(first), self.signature)
@@ -352,26 +350,7 @@ class ImageCaptioner:
     # -- images -------------------------------------------------------------------------
 
     def _content_key(self, ref: Any) -> Tuple[str, Optional[ImageSource]]:
-        """sha256 of the image content; a file is hashed once per (path, mtime, size)."""
-        memo_key: Any = None
-        if isinstance(ref, (str, Path)) and not (isinstance(ref, str) and is_url(ref)):
-            if isinstance(ref, str) and not ref.strip():
-                raise ImageLoadError(ref, "empty path", "missing")
-            try:
-                path = self.loader.resolve(ref)
-                stat = path.stat()
-                memo_key = (str(path), stat.st_mtime_ns, stat.st_size)
-            except OSError:
-                memo_key = None  # read() gives the precise error
-        elif isinstance(ref, str):  # a URL: fetched once per process
-            memo_key = ref
-        if memo_key is not None and memo_key in self._key_memo:
-            return self._key_memo[memo_key], None
-        source = self.loader.read(ref)
-        key = source.content_key()
-        if memo_key is not None:
-            self._key_memo[memo_key] = key
-        return key, source
+        return content_key(self.loader, ref, self._key_memo)
 
     def _failed(self, err: ImageLoadError) -> CaptionOutcome:
         self.skipped.warn(

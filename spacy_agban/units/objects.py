@@ -26,8 +26,9 @@ from ..detection.images import (
     ImageSource,
     ImageWarning,
     KeyedImage,
+    content_key,
     describe,
-    is_url,
+    first_per_key,
 )
 from ..detection.store import Detections, FeatureStore, check_is_feature_store, missing_store_message
 
@@ -270,10 +271,7 @@ class ObjectUnits(ObjectUnitSource):
         :meth:`detections_for`) and the batch engines (which read and hash the
         images themselves) both call it.
         """
-        first: Dict[str, KeyedImage] = {}
-        for image in images:
-            if image.key not in first or (first[image.key].source is None and image.source is not None):
-                first[image.key] = image
+        first = first_per_key(images)
         found: Dict[str, Outcome] = {}
         pending = list(first)
         if self.features is not None and pending:
@@ -308,31 +306,7 @@ class ObjectUnits(ObjectUnitSource):
     # -- steps --------------------------------------------------------------------
 
     def _content_key(self, ref: Any) -> Tuple[str, Optional[ImageSource]]:
-        """sha256 of the image content; files are hashed once per (path, mtime, size)."""
-        if isinstance(ref, (str, Path)) and not (isinstance(ref, str) and is_url(ref)):
-            if isinstance(ref, str) and not ref.strip():
-                raise ImageLoadError(ref, "empty path", "missing")
-            try:
-                path = self.loader.resolve(ref)
-                stat = path.stat()
-                memo_key: Any = (str(path), stat.st_mtime_ns, stat.st_size)
-            except OSError:
-                memo_key = None  # let read() produce the precise error
-            if memo_key is not None and memo_key in self._key_memo:
-                return self._key_memo[memo_key], None
-            source = self.loader.read(ref)
-            key = source.content_key()
-            if memo_key is not None:
-                self._key_memo[memo_key] = key
-            return key, source
-        if isinstance(ref, str):  # a URL: fetched once per process
-            if ref in self._key_memo:
-                return self._key_memo[ref], None
-            source = self.loader.read(ref)
-            self._key_memo[ref] = key = source.content_key()
-            return key, source
-        source = self.loader.read(ref)
-        return source.content_key(), source
+        return content_key(self.loader, ref, self._key_memo)
 
     def _check_unstored(self, misses: Dict[str, "KeyedImage"]) -> Dict[str, Outcome]:
         """Store misses without a detector: decode each once, so that a bad image is
