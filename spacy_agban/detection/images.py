@@ -392,3 +392,23 @@ def first_per_key(images: Sequence[KeyedImage]) -> Dict[str, KeyedImage]:
         if image.key not in first or (first[image.key].source is None and image.source is not None):
             first[image.key] = image
     return first
+
+
+def key_images(
+    refs: Sequence[Any], key_of: Callable[[Any], Tuple[str, Optional[ImageSource]]]
+) -> Tuple[Dict[int, KeyedImage], Dict[int, ImageLoadError]]:
+    """The references of a batch hashed by ``key_of`` (e.g. :func:`content_key` bound to a
+    loader), by position: those keyed, and those that could not be read. None (no
+    image) is in neither."""
+    keyed: Dict[int, KeyedImage] = {}
+    failed: Dict[int, ImageLoadError] = {}
+    for i, ref in enumerate(refs):
+        if ref is None:
+            continue
+        try:
+            key, source = key_of(ref)
+        except ImageLoadError as err:
+            failed[i] = err
+            continue
+        keyed[i] = KeyedImage(key, ref, source)
+    return keyed, failed

@@ -33,7 +33,7 @@ from .base import CaptionWarning, SkipWarnings, caption_of
 from .caption_store import CaptionStore, default_store_path
 from ..detection.images import (
     DEFAULT_MAX_PIXELS, ImageLoader, ImageLoadError, ImageSource, ImageWarning, KeyedImage, content_key, describe,
-    first_per_key,
+    first_per_key, key_images,
 )
 
 #: Small enough for a CPU (about 250M parameters) and native to transformers.
@@ -266,14 +266,9 @@ class ImageCaptioner:
     def captions_for(self, refs: Sequence[Any]) -> List[CaptionOutcome]:
         """One :class:`CaptionOutcome` per image reference (a path, a URL, a PIL image)."""
         outcomes: List[Optional[CaptionOutcome]] = [None] * len(refs)
-        keyed: Dict[int, KeyedImage] = {}
-        for i, ref in enumerate(refs):
-            try:
-                key, source = self._content_key(ref)
-            except ImageLoadError as err:
-                outcomes[i] = self._failed(err)
-                continue
-            keyed[i] = KeyedImage(key, ref, source)
+        keyed, failed = key_images(refs, self._content_key)
+        for i, err in failed.items():
+            outcomes[i] = self._failed(err)
         found = self.lookup(list(keyed.values())) if keyed else {}
         for i, image in keyed.items():
             outcomes[i] = found[image.key]

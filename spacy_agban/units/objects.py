@@ -29,6 +29,7 @@ from ..detection.images import (
     content_key,
     describe,
     first_per_key,
+    key_images,
 )
 from ..detection.store import Detections, FeatureStore, check_is_feature_store, missing_store_message
 
@@ -240,18 +241,10 @@ class ObjectUnits(ObjectUnitSource):
 
     def detections_for(self, refs: Sequence[Any]) -> List[Outcome]:
         """One :class:`Outcome` per image reference (None: no image)."""
-        outcomes: List[Optional[Outcome]] = [None] * len(refs)
-        keyed: Dict[int, KeyedImage] = {}
-        for i, ref in enumerate(refs):
-            if ref is None:
-                outcomes[i] = Outcome("none")
-                continue
-            try:
-                key, source = self._content_key(ref)
-            except ImageLoadError as err:
-                outcomes[i] = self._failed(err)
-                continue
-            keyed[i] = KeyedImage(key, ref, source)
+        outcomes: List[Optional[Outcome]] = [Outcome("none") if ref is None else None for ref in refs]
+        keyed, failed = key_images(refs, self._content_key)
+        for i, err in failed.items():
+            outcomes[i] = self._failed(err)
         found = self.lookup(list(keyed.values())) if keyed else {}
         for i, image in keyed.items():
             outcome = found[image.key]

@@ -452,16 +452,21 @@ def test_detect_command_on_a_folder_is_resumable(tmp_path: Path, root: Path, cap
     assert failure.name == "broken.jpg" and failure.attempts == 2
 
 
-def test_detect_command_on_a_docbin(tmp_path: Path, root: Path, nlp) -> None:
-    shutil.copy(IMAGES / "102.jpg", root / "102.jpg")
-    docs = make_docs(nlp, ["102.jpg", "999.jpg", None, "102.jpg"])
+def detect_docbin(tmp_path: Path, root: Path, docs) -> dict:
+    """``detect`` over a DocBin of ``docs`` with a small random detector; its summary."""
     DocBin(docs=docs, store_user_data=True).to_disk(tmp_path / "train.spacy")
     with pytest.warns(RandomWeightsWarning):
-        summary = detect_command(
+        return detect_command(
             tmp_path / "train.spacy", tmp_path / "f.sqlite", image_root=root, detector="mobilenet",
             weights="random", min_size=128, max_size=160, top_k=3, batch_size=2, score_threshold=0.0,
             device="cpu", limit=None, allow_remote=False,
         )
+
+
+def test_detect_command_on_a_docbin(tmp_path: Path, root: Path, nlp) -> None:
+    shutil.copy(IMAGES / "102.jpg", root / "102.jpg")
+    docs = make_docs(nlp, ["102.jpg", "999.jpg", None, "102.jpg"])
+    summary = detect_docbin(tmp_path, root, docs)
     assert (summary["images"], summary["detected"], summary["missing"]) == (2, 1, 1)
 
 
@@ -691,12 +696,6 @@ def test_detect_command_on_a_docbin_with_unresolvable_paths(tmp_path: Path, root
     (root / "loop_a").symlink_to(root / "loop_b")
     (root / "loop_b").symlink_to(root / "loop_a")
     docs = make_docs(nlp, ["102.jpg", "102.jpg\x00x", "loop_a"])
-    DocBin(docs=docs, store_user_data=True).to_disk(tmp_path / "train.spacy")
-    with pytest.warns(RandomWeightsWarning):
-        summary = detect_command(
-            tmp_path / "train.spacy", tmp_path / "f.sqlite", image_root=root, detector="mobilenet",
-            weights="random", min_size=128, max_size=160, top_k=3, batch_size=2, score_threshold=0.0,
-            device="cpu", limit=None, allow_remote=False,
-        )
+    summary = detect_docbin(tmp_path, root, docs)
     assert (summary["images"], summary["detected"], summary["failed"]) == (3, 1, 2)
     assert {name for name, _ in summary["failures"]} == {"102.jpg\x00x", "loop_a"}
