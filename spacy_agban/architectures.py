@@ -16,7 +16,9 @@ from .model.agban import Output
 from .layers.shim import with_in_place_updates
 from .units.base import DocUnits
 
-AGBANInput = Tuple[List[Doc], List[DocUnits], Optional[List[List[int]]]]
+# (docs, their visual units, gold tags or None[, a teacher's tag marginals per doc (n, n_tags)
+# or None per doc: training with distill > 0 only)]
+AGBANInput = Tuple[Any, ...]
 
 
 @registry.architectures("spacy_agban.AGBAN.v3")
@@ -40,6 +42,7 @@ def build_agban_model(
     cross_view: float = 0.0,
     adversarial_reduction: str = "mean",
     grl_warmup_steps: int = 0,
+    distill: float = 0.0,
     token_encoder: Optional[Model[List[Doc], List[Floats2d]]] = None,
     mixed_precision: bool = False,
 ) -> Model[AGBANInput, Output]:
@@ -98,6 +101,7 @@ def build_agban_model(
         "cross_view": cross_view,
         "adversarial_reduction": adversarial_reduction,
         "grl_warmup_steps": grl_warmup_steps,
+        "distill": distill,
         "mixed_precision": mixed_precision,
         "sizes": None,
         "featurizer": None,
@@ -154,6 +158,7 @@ def agban_init(model: Model, X: Optional[AGBANInput] = None, Y: Any = None) -> M
         grl_warmup_steps=a["grl_warmup_steps"],
         shape_dim=a["shape_dim"],
         n_shapes=N_SHAPES,
+        distill=a["distill"],
     )
     model.attrs["featurizer"] = Featurizer(
         sizes["words"] if words_on else [], sizes["static_width"] if words_on else 0,
@@ -182,12 +187,14 @@ def get_module(model: Model) -> AGBANModule:
 
 
 def agban_forward(model: Model, X: AGBANInput, is_train: bool) -> Tuple[Output, Callable]:
-    docs, units, tags = X
+    docs, units, tags = X[:3]
+    teacher = X[3] if len(X) > 3 else None
     external, backprop_encoder = None, None
     if model.has_ref("token_encoder"):
         external, backprop_encoder = model.get_ref("token_encoder")(docs, is_train)
     arrays = model.attrs["featurizer"](docs, units, tags)
     arrays["external"] = _pad(external) if external is not None else None
+    arrays["teacher"] = _pad_targets(teacher, docs) if teacher is not None and is_train else None
     if is_train:
         get_module(model).set_dropout(model.attrs["dropout_rate"])
     out, backprop_torch = model.get_ref("torch")(arrays, is_train)
@@ -210,6 +217,18 @@ def _pad(per_doc: Sequence[Floats2d]) -> numpy.ndarray:
     return out
 
 
+def _pad_targets(per_doc: Sequence[Optional[numpy.ndarray]], docs: Sequence[Doc]) -> Optional[numpy.ndarray]:
+    """(B, T, n_tags) float32, zeros where a doc has no targets (and on padding)."""
+    given = [t for t in per_doc if t is not None]
+    if not given:
+        return None
+    out = numpy.zeros((len(docs), max(len(d) for d in docs), given[0].shape[1]), dtype="float32")
+    for i, targets in enumerate(per_doc):
+        if targets is not None:
+            out[i, : len(targets)] = targets
+    return out
+
+
 def _convert_inputs(model: Model, arrays: Dict[str, Any], is_train: bool):
     device = get_torch_default_device()
 
@@ -228,6 +247,7 @@ def _convert_inputs(model: Model, arrays: Dict[str, Any], is_train: bool):
         outside_only=tensor(arrays["outside_only"]),
         token_keys=tensor(arrays.get("token_keys")),
         shape_ids=tensor(arrays.get("shape_ids")),
+        teacher=tensor(arrays.get("teacher")) if is_train else None,
     )
     external = tensor(arrays["external"])
     if external is not None and is_train:
@@ -243,8 +263,11 @@ def _convert_outputs(model: Model, inputs_outputs: Tuple[Any, Output], is_train:
     def get_d_torch(_: Any) -> ArgsKwargs:
         # CRF loss - adversarial loss: the discriminator minimizes its loss, the GRL
         # inside the module makes the projectors maximize it (eq. 25); plus the
-        # weighted cross-view KL (zero when cross_view = 0).
+        # weighted cross-view KL (zero when cross_view = 0), and the weighted KL to a
+        # teacher's marginals (zero when distill = 0).
         total = out.crf_loss + out.adversarial_loss + out.cross_view_loss
+        if out.distill_loss is not None:
+            total = total + out.distill_loss
         return ArgsKwargs(args=(total,), kwargs={"grad_tensors": (torch.ones_like(total),)})
 
     return out, get_d_torch

@@ -20,6 +20,7 @@ from .extensions import SCORED_BY
 from .model.tags import entity_spans, tag_names
 from .training.corpus import patch_stock_corpus_in_spacy_evaluate
 from .training.optimizer import ScaledOptimizer
+from .training.teacher import example_targets
 from .units.base import CAPTION, OBJECT, DocUnits, ObjectUnitSource, UnitSource, VisualUnit
 from .units.saved_paths import IMAGE_ROOT, STORE, record_paths, restored_paths
 from .units.captioner import needs_caption, warn_uncaptioned
@@ -36,6 +37,7 @@ use_word_features = true
 visual_dropout = 0.3
 source_dropout = 0.0
 cross_view = 1.0
+distill = 0.0
 adversarial_reduction = "mean"
 grl_warmup_steps = 0
 word_dim = 50
@@ -397,6 +399,29 @@ class AGBANRecognizer(TrainablePipe):
                     predictions[i]["gate"] = out.gate[row, :n].mean(dim=-1).cpu().numpy()
         return predictions
 
+    def tag_marginals(self, docs: Iterable[Doc]) -> List[Optional[numpy.ndarray]]:
+        """Each doc's CRF tag marginals, (n_tokens, len(self.tags)) float32 in the order
+        of :attr:`tags` (None for an empty doc): the model's belief before any decoding
+        rule (``min_confidence``, ``bio_constraints``). Sets nothing on the docs."""
+        self._check_initialized()
+        docs = list(docs)
+        units = self.visual_units(docs)
+        result: List[Optional[numpy.ndarray]] = [None] * len(docs)
+        index = [i for i, doc in enumerate(docs) if len(doc)]
+        if not index:
+            return result
+        output = get_module(self.model).output
+        output.store_marginals = True
+        try:
+            out = self.model.predict(([docs[i] for i in index], [units[i] for i in index], None))
+        finally:
+            output.store_marginals = False
+        assert out.marginals is not None
+        marginals = out.marginals.cpu().numpy()
+        for row, i in enumerate(index):
+            result[i] = marginals[row, : len(docs[i])].copy()
+        return result
+
     def set_annotations(self, docs: Iterable[Doc], predictions: List[Dict[str, Any]]) -> None:
         for doc, pred in zip(docs, predictions):
             entities = bio_spans(doc, pred["tags"])
@@ -448,14 +473,18 @@ class AGBANRecognizer(TrainablePipe):
         set_dropout_rate(self.model, drop)
         docs = [eg.predicted for eg in examples]
         inputs: AGBANInput = (docs, self.visual_units(docs), [self._gold_tags(eg) for eg in examples])
+        distill = get_module(self.model).distill > 0
+        if distill:  # a teacher's marginals where the training data has them
+            inputs = inputs + ([example_targets(eg, self.tags) for eg in examples],)
         out, backprop = self.model.begin_update(inputs)
         crf_loss = float(out.crf_loss.detach())
         adv_loss = float(out.adversarial_loss.detach())
         cv_loss = float(out.cross_view_loss.detach())
-        if numpy.isnan(crf_loss) or numpy.isnan(adv_loss) or numpy.isnan(cv_loss):
+        distill_loss = float(out.distill_loss.detach()) if out.distill_loss is not None else 0.0
+        if any(numpy.isnan(x) for x in (crf_loss, adv_loss, cv_loss, distill_loss)):
             raise ValueError(
                 f"NaN loss in '{self.name}' (crf={crf_loss}, adversarial={adv_loss}, "
-                f"cross-view={cv_loss})"
+                f"cross-view={cv_loss}, distill={distill_loss})"
             )
         backprop(None)
         if sgd is not None:
@@ -463,6 +492,8 @@ class AGBANRecognizer(TrainablePipe):
         losses[self.name] += crf_loss
         losses[f"{self.name}_adv"] += adv_loss
         losses[f"{self.name}_cv"] += cv_loss
+        if distill:
+            losses[f"{self.name}_distill"] = losses.get(f"{self.name}_distill", 0.0) + distill_loss
         return losses
 
     def finish_update(self, sgd: Optimizer) -> None:

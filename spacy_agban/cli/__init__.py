@@ -278,6 +278,7 @@ def _register_tool_commands() -> None:
     from .explain import explain_command
     from .package import package_meta_command
     from .plots import plot_modalities_command, plot_training_command
+    from .teacher import teacher_targets_command
 
     app.command("caption")(caption_command)
     app.command("detect")(detect_command)
@@ -286,6 +287,7 @@ def _register_tool_commands() -> None:
     app.command("plot-training")(plot_training_command)
     app.command("plot-modalities")(plot_modalities_command)
     app.command("tag")(tag_command)
+    app.command("teacher-targets")(teacher_targets_command)
     app.add_typer(features_app, name="features")
 
 

@@ -29,6 +29,7 @@ class Batch:
     outside_only: Optional[torch.Tensor] = None  # (B, T) bool: tokens that can only be O
     token_keys: Optional[torch.Tensor] = None  # (B, T) long: an id of each token's exact form
     shape_ids: Optional[torch.Tensor] = None  # (B, T) long: each token's word shape, 0 on padding
+    teacher: Optional[torch.Tensor] = None  # (B, T, n_tags) a teacher's tag marginals; all 0 = none
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Output:
     crf_loss: Optional[torch.Tensor] = None
     adversarial_loss: Optional[torch.Tensor] = None
     cross_view_loss: Optional[torch.Tensor] = None
+    distill_loss: Optional[torch.Tensor] = None
+    marginals: Optional[torch.Tensor] = None  # (B, T, n_tags) CRF tag marginals (CRFOutput.store_marginals)
     tags: Optional[List[List[int]]] = None
     confidences: Optional[List[List[float]]] = None  # per doc, per entity (CRFOutput.store_confidence)
     attention: Optional[torch.Tensor] = None  # (B, T, K)
@@ -61,6 +64,10 @@ class AGBANModule(nn.Module):
     multimodal view's (ITA's cross-view alignment, Wang et al. NAACL 2022).
     ``adversarial_reduction`` and ``grl_warmup_steps`` scale the adversarial loss
     and schedule the GRL weight (DANN).
+
+    ``distill`` weighs KL(teacher || model) of the per-token CRF tag marginals, summed
+    over the tokens that have a teacher's marginals (``Batch.teacher``; knowledge
+    distillation from a stronger tagger, beside the gold tags' CRF loss).
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class AGBANModule(nn.Module):
         grl_warmup_steps: int = 0,
         shape_dim: int = 0,
         n_shapes: int = 1,
+        distill: float = 0.0,
     ):
         super().__init__()
         for name, rate in (("visual_dropout", visual_dropout), ("source_dropout", source_dropout)):
@@ -97,6 +105,8 @@ class AGBANModule(nn.Module):
                 raise ValueError(f"{name} must be in [0, 1), got {rate}")
         if cross_view < 0:
             raise ValueError(f"cross_view must be >= 0, got {cross_view}")
+        if distill < 0:
+            raise ValueError(f"distill must be >= 0, got {distill}")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if fusion == "none" and adversarial:
@@ -122,6 +132,7 @@ class AGBANModule(nn.Module):
         self.visual_dropout = visual_dropout
         self.source_dropout = source_dropout
         self.cross_view = cross_view
+        self.distill = distill
         self.adversarial_reduction = adversarial_reduction
         self.grl_lambda = grl_lambda
         self.grl_warmup_steps = grl_warmup_steps
@@ -216,6 +227,18 @@ class AGBANModule(nn.Module):
         counted = batch.token_mask & out.unit_mask.any(dim=1, keepdim=True)
         return kl.masked_fill(~counted, 0.0).sum()
 
+    def distill_loss(self, batch: Batch, scores: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || model) of the per-token CRF tag marginals, summed over the
+        real tokens of the docs that have a teacher's marginals."""
+        assert batch.teacher is not None
+        teacher = batch.teacher.to(scores.dtype)
+        counted = batch.token_mask & (teacher.sum(dim=-1) > 0)
+        log_model = self.output.log_marginals(scores, batch.token_mask)
+        # 0 * log 0 is 0: a tag the teacher rules out adds nothing
+        log_teacher = torch.log(teacher.clamp_min(1e-12))
+        kl = (teacher * (log_teacher - log_model)).sum(dim=-1)
+        return kl.masked_fill(~counted, 0.0).sum()
+
     def forward(
         self, batch: Batch, external: Optional[torch.Tensor] = None, decode: bool = False
     ) -> Output:
@@ -226,6 +249,10 @@ class AGBANModule(nn.Module):
         assert g_m is not None
         if decode:
             out.tags, out.confidences = self.output.decode_scored(g_m, batch.token_mask, batch.outside_only)
+            if self.output.store_marginals:  # the model's own belief, before any decoding rule
+                with torch.no_grad():
+                    out.marginals = self.output.log_marginals(
+                        self.output.scores(g_m).float(), batch.token_mask).exp()
         if batch.tags is not None:
             scores = self.output.scores(g_m)
             out.crf_loss = self.output.nll(scores, batch.tags, batch.token_mask)
@@ -234,6 +261,9 @@ class AGBANModule(nn.Module):
             out.cross_view_loss = g_m.new_zeros(())
             if self.cross_view > 0 and out.visual_features is not None:
                 out.cross_view_loss = self.cross_view * self.cross_view_loss(batch, out, scores)
+            out.distill_loss = g_m.new_zeros(())
+            if self.distill > 0 and batch.teacher is not None:
+                out.distill_loss = self.distill * self.distill_loss(batch, scores)
             if self.training:
                 self.train_steps += 1
         return out

@@ -47,6 +47,7 @@ class CRFOutput(nn.Module):
         self.bio_constraints = False
         self.min_confidence = 0.0
         self.store_confidence = False  # decode_scored also returns each entity's confidence
+        self.store_marginals = False  # AGBANModule's decoding forward also returns the tag marginals
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         return self.emissions(self.dropout(features))
