@@ -32,7 +32,7 @@ def tag_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Posts per nlp.pipe batch"),
     image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder relative image paths resolve against (default: the pipeline's)"),
     allow_remote: Optional[bool] = typer.Option(None, "--allow-remote/--no-remote", help="Fetch http(s) and object-store images (default: the pipeline's setting)"),
-    features: Optional[str] = typer.Option(None, "--features", help="A Parquet features dataset (folder or URI) read before the pipeline's store; new detections are added to it"),
+    features: Optional[str] = typer.Option(None, "--features", help="A Parquet features dataset (folder or URI) read before the pipeline's stores: object features and captions; new detections and generated captions are added to it"),
     part_size: int = typer.Option(10000, "--part-size", help="Posts per output part (the resume unit)"),
     output_format: str = typer.Option("parquet", "--output-format", help="parquet or jsonl"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Go on after the parts already written"),
@@ -271,15 +271,37 @@ def _is_arrow_error(err: BaseException) -> bool:
     return isinstance(err, pyarrow.ArrowException)
 
 
-features_app = typer.Typer(help="Move detections between the SQLite store and a Parquet features dataset",
-                           no_args_is_help=True)
+features_app = typer.Typer(help="Move detections (a feature store) or captions (a caption store) between "
+                                "the SQLite store and a Parquet features dataset", no_args_is_help=True)
+
+CAPTIONS_HELP = ("Move captions (a caption store <-> the dataset's captions/) or detections (a feature store); "
+                 "default: captions where the store holds only captions")
+
+
+def store_kind(store: Path) -> Optional[str]:
+    """``captions`` (a caption store), ``detections`` (a feature store) or None (no such
+    file, neither or both), read without writing to the file."""
+    from ..tagging.features import sqlite_tables
+
+    tables = sqlite_tables(str(store)) & {"captions", "detections"} if store.is_file() else set()
+    return next(iter(tables)) if len(tables) == 1 else None
+
+
+def store_problem(store: Path, captions: bool) -> Optional[str]:
+    """A store of the other kind than the rows moved (None if nothing)."""
+    kind = store_kind(store)
+    if kind == ("detections" if captions else "captions"):
+        found, flag = ("a feature store", "--detections") if captions else ("a caption store", "--captions")
+        return f"{store} is {found}; pass {flag} to move its rows, or name the other store"
+    return None
 
 
 @features_app.command("export")
 def export_command(
-    store: Path = typer.Argument(..., help="The SQLite feature store"),
+    store: Path = typer.Argument(..., help="The SQLite feature store (or caption store)"),
     dataset: str = typer.Argument(..., help="The Parquet features dataset (folder or URI)"),
-    signature: Optional[str] = typer.Option(None, "--signature", help="Only this detector signature"),
+    signature: Optional[str] = typer.Option(None, "--signature", help="Only this detector (or captioner) signature"),
+    captions: Optional[bool] = typer.Option(None, "--captions/--detections", help=CAPTIONS_HELP),
 ) -> None:
     """SQLite store -> Parquet features dataset (keys already there are skipped)."""
     from ..tagging.features import export_store
@@ -287,23 +309,30 @@ def export_command(
     if not store.is_file():
         typer.echo(f"features export: feature store {store} does not exist", err=True)
         raise typer.Exit(1)
+    captions = store_kind(store) == "captions" if captions is None else captions
+    problem = store_problem(store, captions)
+    if problem:
+        typer.echo(f"features export: {problem}", err=True)
+        raise typer.Exit(1)
     try:
-        written = export_store(str(store), dataset, signature)
+        written = export_store(str(store), dataset, signature, captions=captions)
     except Exception as err:  # a damaged store, an unwritable dataset: one line, exit 1
         typer.echo(f"features export: {type(err).__name__}: {one_line(err)}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"exported to {dataset}: " + json.dumps(written))
+    typer.echo(f"exported {'captions ' if captions else ''}to {dataset}: " + json.dumps(written))
 
 
 @features_app.command("import")
 def import_command(
     dataset: str = typer.Argument(..., help="The Parquet features dataset (folder or URI)"),
-    store: Path = typer.Argument(..., help="The SQLite feature store to fill"),
-    signature: Optional[str] = typer.Option(None, "--signature", help="Only this detector signature"),
+    store: Path = typer.Argument(..., help="The SQLite feature store (or caption store) to fill"),
+    signature: Optional[str] = typer.Option(None, "--signature", help="Only this detector (or captioner) signature"),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="A dataset without features is not an error"),
+    captions: Optional[bool] = typer.Option(None, "--captions/--detections",
+                                            help=CAPTIONS_HELP + ", or the dataset holds only captions"),
 ) -> None:
     """Parquet features dataset -> SQLite store, e.g. features computed on a cluster for training here."""
-    from ..tagging.features import FeatureDataset, import_dataset
+    from ..tagging.features import CaptionDataset, FeatureDataset, import_dataset
 
     if "://" not in dataset and not Path(dataset).is_dir():
         typer.echo(f"features import: features dataset {dataset} does not exist (a folder)", err=True)
@@ -312,14 +341,22 @@ def import_command(
         typer.echo(f"features import: {store} is a folder; name the SQLite file to fill", err=True)
         raise typer.Exit(1)
     try:
-        if not FeatureDataset(dataset).signatures() and not allow_empty:
-            typer.echo(f"features import: {dataset} holds no features (no signatures/ and no sig=... "
+        if captions is None:
+            captions = store_kind(store) == "captions" or (not FeatureDataset(dataset).signatures()
+                                                           and bool(CaptionDataset(dataset).signatures()))
+        problem = store_problem(store, captions)
+        if problem:
+            typer.echo(f"features import: {problem}", err=True)
+            raise typer.Exit(1)
+        if not (CaptionDataset if captions else FeatureDataset)(dataset).signatures() and not allow_empty:
+            where = "captions/signatures/ and no captions/sig=..." if captions else "signatures/ and no sig=..."
+            typer.echo(f"features import: {dataset} holds no {'captions' if captions else 'features'} (no {where} "
                        "folders); pass --allow-empty if that is expected", err=True)
             raise typer.Exit(1)
-        done = import_dataset(dataset, str(store), signature)
+        done = import_dataset(dataset, str(store), signature, captions=captions)
     except typer.Exit:
         raise
     except Exception as err:  # a crafted or damaged dataset: name it, one line, exit 1
         typer.echo(f"features import: cannot import {dataset}: {type(err).__name__}: {one_line(err)}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"imported into {store}: " + json.dumps(done))
+    typer.echo(f"imported {'captions ' if captions else ''}into {store}: " + json.dumps(done))

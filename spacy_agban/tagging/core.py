@@ -51,7 +51,8 @@ DETECTOR = "detector"
 #: Reading an image's stored features failed (a damaged store row or dataset file).
 OBJECTS = "objects"
 #: The features dataset could not be read for an image (a damaged file): its objects
-#: were looked up in the pipeline's own store and detector instead.
+#: were looked up in the pipeline's own store and detector instead (its caption: in
+#: the captioner's store and model).
 FEATURES = "features"
 TAG = "tag"
 #: Image failures are ``image_<ImageLoadError.kind>``: image_missing, image_corrupt, ...
@@ -276,10 +277,13 @@ def captioner_of(nlp: Any) -> Any:
 
 def caption(batch: Batch, captioner: Any) -> Batch:
     """Captions for the posts that have an image (read: ``image_key``) and no caption,
-    from ``captioner.lookup`` (an ImageCaptioner: its caption store first, its model
-    on the misses), so that a pipeline reading captions sees the image. Adds
-    ``caption_status``: none, given, cached (from the store), generated or failed
-    (with a ``captioner`` error on the row; the post is tagged without a caption)."""
+    from ``captioner.lookup`` (an ImageCaptioner: the features dataset's captions and
+    its caption store first, its model on the misses), so that a pipeline reading
+    captions sees the image. Adds ``caption_status``: none, given, cached (stored),
+    generated or failed (with a ``captioner`` error on the row; the post is tagged
+    without a caption). An image whose stored caption a damaged dataset file kept
+    from being read gets a ``features`` error (its caption came from the store or
+    the model instead)."""
     from ..units.captioner import CaptionOutcome
 
     n = len(batch["id"])
@@ -294,7 +298,11 @@ def caption(batch: Batch, captioner: Any) -> Batch:
         found = captioner.lookup(images) if images else {}
     except Exception as err:  # the model itself failed: every post of the batch goes on without
         found = {im.key: CaptionOutcome("failed", None, im.ref, f"captioning failed: {err}") for im in images}
+    unread = _unread_features(captioner)
     for i in todo:
+        if keys[i] in unread:
+            errors[i].append(error(FEATURES, f"{names[i]}: {unread[keys[i]]}; its caption was looked up in "
+                                             "the captioner's store and model instead"))
         outcome = found[keys[i]]
         if outcome.status in ("cached", "generated"):
             captions[i], status[i] = outcome.caption or None, outcome.status
@@ -384,7 +392,8 @@ def detect(batch: Batch, units: Any) -> Batch:
 
 def _unread_features(units: Any) -> Dict[str, str]:
     """The images the features dataset could not be read for in the last lookups
-    (content key -> why), taken from it (:meth:`~.features.FeatureDataset.take_unread`)."""
+    (content key -> why), taken from it (:meth:`~.features.FeatureDataset.take_unread`);
+    ``units``: the object units or the captioner."""
     reader = getattr(units, "features", None)
     take = getattr(reader, "take_unread", None)
     return take() if callable(take) else {}
@@ -577,7 +586,8 @@ def format_summary(counts: Counter, seconds: float, engine: str) -> str:
     if errors.get(FEATURES):
         lines.append(f"features: the features dataset could not be read for the images of {errors[FEATURES]} "
                      "posts (a damaged file, named in their error); they were looked up in the pipeline's "
-                     "store and detector instead.")
+                     "store and detector instead" + (" (captions: the captioner's store and model)."
+                                                     if captions else "."))
     return "\n".join(lines)
 
 

@@ -4,6 +4,8 @@ Layout (``ROOT`` a local folder or an object-store URI pyarrow supports)::
 
     ROOT/signatures/<sig>.json            what the detector signature stands for
     ROOT/sig=<sig>/part-<uuid>.parquet    image_key, features, labels, scores, boxes
+    ROOT/captions/signatures/<sig>.json   what the captioner signature stands for
+    ROOT/captions/sig=<sig>/part-<uuid>.parquet    image_key, caption
 
 Each row is one image's top-k detections keyed by the sha256 of the image bytes
 and the detector signature key: the same keys as
@@ -12,6 +14,10 @@ and the detector signature key: the same keys as
 use features computed on a cluster. Writers only add files (no file is ever
 rewritten), so many workers can fill one dataset; a key written twice (the
 same image under two names in one run) is harmless: readers keep the first.
+
+Generated captions travel the same way (:class:`CaptionDataset`, the
+``captions/`` folder), keyed by image and captioner signature as in the
+:class:`~spacy_agban.units.caption_store.CaptionStore`.
 """
 import json
 import uuid
@@ -21,6 +27,8 @@ from ..detection.store import Detections, FeatureStore
 from .core import detections_to_row, row_to_detections
 
 SIGNATURE_DIR = "signatures"
+#: The folder of a features dataset that holds captions (its own signatures/ and sig=... folders).
+CAPTION_DIR = "captions"
 
 
 def feature_schema() -> Any:
@@ -124,18 +132,29 @@ class FeatureDataset:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [detections_to_row(det) for _, det in entries]
-        table = pa.Table.from_pydict({
-            "image_key": [key for key, _ in entries], "features": [r[0] for r in rows],
-            "labels": [r[1] for r in rows], "scores": [r[2] for r in rows], "boxes": [r[3] for r in rows],
-            "dim": [int(det.features.shape[1]) for _, det in entries],
-        }, schema=feature_schema())
+        table = self._table(entries)
         self.fs.create_dir(self._sig_dir(sig), recursive=True)
         target = f"{self._sig_dir(sig)}/part-{uuid.uuid4().hex}.parquet"
         tmp = target + ".tmp"
         pq.write_table(table, tmp, filesystem=self.fs)
         self.fs.move(tmp, target)  # readers list *.parquet only: never a half-written file
         return target
+
+    def _table(self, entries: Sequence[Tuple[str, Any]]) -> Any:
+        """One part file's rows."""
+        import pyarrow as pa
+
+        rows = [detections_to_row(det) for _, det in entries]
+        return pa.Table.from_pydict({
+            "image_key": [key for key, _ in entries], "features": [r[0] for r in rows],
+            "labels": [r[1] for r in rows], "scores": [r[2] for r in rows], "boxes": [r[3] for r in rows],
+            "dim": [int(det.features.shape[1]) for _, det in entries],
+        }, schema=feature_schema())
+
+    @staticmethod
+    def _value(row: Dict[str, Any]) -> Any:
+        """What a row holds for its image (the inverse of :meth:`_table`)."""
+        return _detections(row)
 
     def keys(self, sig: str) -> Set[str]:
         import pyarrow.parquet as pq
@@ -161,7 +180,7 @@ class FeatureDataset:
                         if row["image_key"] in seen:
                             continue
                         seen.add(row["image_key"])
-                        out.append((row["image_key"], _detections(row)))
+                        out.append((row["image_key"], self._value(row)))
                     if out:
                         yield out
 
@@ -211,7 +230,7 @@ class FeatureDataset:
         for path, keys in by_file.items():
             try:
                 table = pq.read_table(path, filesystem=self.fs, filters=pc.field("image_key").isin(keys))
-                rows = [(row["image_key"], _detections(row)) for row in table.to_pylist()]
+                rows = [(row["image_key"], self._value(row)) for row in table.to_pylist()]
             except Exception as err:  # damaged past its keys: none of its images is read from it again
                 why = f"cannot read {path}: {_one_line(err)}"
                 lost = [k for k, p in index.items() if p == path]
@@ -242,6 +261,37 @@ class FeatureDataset:
         if path is not None and sig in self._index:
             for key, _ in entries:
                 self._index[sig].setdefault(key, path)
+
+
+class CaptionDataset(FeatureDataset):
+    """The captions of a features dataset (``ROOT/captions``): the same layout rules
+    and lookups as the detections, a caption string per row. Attached to an
+    :class:`~spacy_agban.units.captioner.ImageCaptioner` by the batch engines
+    (:func:`~.models.attach_captions`): read before its caption store, and given the
+    captions it generates."""
+
+    def __init__(self, root: str, writable: bool = False):
+        super().__init__(root, writable)
+        self.path = f"{self.path}/{CAPTION_DIR}"
+
+    def _table(self, entries: Sequence[Tuple[str, Any]]) -> Any:
+        import pyarrow as pa
+
+        return pa.Table.from_pydict({"image_key": [key for key, _ in entries],
+                                     "caption": [caption for _, caption in entries]}, schema=caption_schema())
+
+    @staticmethod
+    def _value(row: Dict[str, Any]) -> Any:
+        caption = row["caption"]
+        if not isinstance(caption, str):  # a crafted file: the image is a miss, captioned again
+            raise ValueError(f"a caption must be a string, not {type(caption).__name__}")
+        return caption
+
+
+def caption_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("image_key", pa.string()), ("caption", pa.string())])
 
 
 def _detections(row: Dict[str, Any]) -> Detections:
@@ -333,12 +383,38 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[List[str]]:
         yield chunk
 
 
+def _store_and_dataset(store_path: str, root: str, captions: bool) -> Tuple[Any, FeatureDataset]:
+    """The SQLite store and the part of the dataset that hold the same rows: detections
+    (a feature store, ``ROOT/sig=...``) or captions (a caption store, ``ROOT/captions``)."""
+    if captions:
+        from ..units.caption_store import CaptionStore
+
+        return CaptionStore(store_path), CaptionDataset(root)
+    return FeatureStore(store_path), FeatureDataset(root)
+
+
+def sqlite_tables(path: str) -> Set[str]:
+    """The tables of an existing SQLite file, read without writing to it (empty if it
+    cannot be read as SQLite): which kind of store it is."""
+    import sqlite3
+    from pathlib import Path
+
+    try:
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return set()
+
+
 def export_store(store_path: str, root: str, signature: Optional[str] = None,
-                 rows_per_file: int = 10000) -> Dict[str, int]:
+                 rows_per_file: int = 10000, captions: bool = False) -> Dict[str, int]:
     """SQLite store -> features dataset; keys already in the dataset are skipped.
-    Returns the rows written per signature."""
-    store = FeatureStore(store_path)
-    dataset = FeatureDataset(root)
+    Returns the rows written per signature. captions: the store is a caption store
+    and its captions go to the dataset's ``captions/`` folder."""
+    store, dataset = _store_and_dataset(store_path, root, captions)
     known_sigs = store.signatures()
     sigs = [signature] if signature else sorted(known_sigs)
     written: Dict[str, int] = {}
@@ -356,11 +432,12 @@ def export_store(store_path: str, root: str, signature: Optional[str] = None,
     return written
 
 
-def import_dataset(root: str, store_path: str, signature: Optional[str] = None) -> Dict[str, int]:
+def import_dataset(root: str, store_path: str, signature: Optional[str] = None,
+                   captions: bool = False) -> Dict[str, int]:
     """Features dataset -> SQLite store (one transaction per batch; existing keys
-    are replaced by the same features). Returns the rows read per signature."""
-    dataset = FeatureDataset(root)
-    store = FeatureStore(store_path)
+    are replaced by the same features). Returns the rows read per signature.
+    captions: the dataset's captions into a caption store."""
+    store, dataset = _store_and_dataset(store_path, root, captions)
     known = dataset.signatures()
     sigs = [signature] if signature else sorted(known)
     done: Dict[str, int] = {}

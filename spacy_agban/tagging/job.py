@@ -345,11 +345,12 @@ def open_job(parts: Parts, settings: Dict[str, Any], model: Dict[str, Any], sour
 
 
 def features_problem(features: str, reads: PipelineReads) -> Optional[str]:
-    """What makes ``--features`` unusable for this pipeline (None if nothing)."""
-    if not reads.reads_objects:
+    """What makes ``--features`` unusable for this pipeline (None if nothing). A pipeline
+    with an image_captioner fills the dataset's captions, as a detector its detections."""
+    if not reads.reads_images:
         return (f"--features {features}: the pipeline {reads.model} reads no images (it was trained without "
-                "object units); leave --features out")
-    problem = dataset_problem(features, reads.signature, reads.has_detector)
+                "object units and has no image_captioner); leave --features out")
+    problem = dataset_problem(features, reads.signature, reads.has_detector or not reads.reads_objects)
     return f"--features: {problem}" if problem else None
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Optional
 
 from . import core
 from .job import start_job
-from .models import attach_features, describe_pipeline, load_tagger
+from .models import attach_captions, attach_features, describe_pipeline, load_tagger
 from .posts import InputError, concat, open_input, read_part, slices
 
 
@@ -37,8 +37,8 @@ def run_local(
 ) -> Dict[str, Any]:
     """Tag every post of ``input_path`` into numbered parts under ``output``.
 
-    features: a Parquet features dataset read before the pipeline's store (new
-    detections are added to it). after_part: called with each part's index once
+    features: a Parquet features dataset read before the pipeline's stores (new
+    detections and generated captions are added to it). after_part: called with each part's index once
     it is written (tests use it to interrupt a run). precision: the transformer's
     (fp32, bf16, int8; ``spacy_agban.inference.precision``). unique_ids: refuse an
     input in which posts share an id (else a warning says how many).
@@ -60,6 +60,7 @@ def run_local(
     captioner = core.captioner_of(nlp)
     if captioner is not None:
         captioner.skipped.limit = 0  # as for objects: a bad image is an error row
+        attach_captions(captioner, features)
     total = sum(seg.count for segments in plan for seg in segments)
     earlier_parts = [k for k in done if k < len(plan)]
     skipped = sum(seg.count for k in earlier_parts for seg in plan[k])  # posts an earlier run wrote

@@ -10,6 +10,9 @@
 - :func:`load_object_units`: only the pipeline's ``object_units`` block (store,
   detector, image rules), without loading the pipeline, plus the features
   dataset: what an objects worker needs.
+- :func:`attach_features` / :func:`attach_captions`: the features dataset's
+  detections before the object units' store, its captions before the
+  captioner's store.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,6 +288,16 @@ def attach_features(units: Any, features: Optional[str]) -> None:
     from .features import FeatureDataset
 
     units.features = FeatureDataset(features, writable=units.detector is not None)
+
+
+def attach_captions(captioner: Any, features: Optional[str]) -> None:
+    """Read the captions of the features dataset ``features`` before the captioner's
+    store; the captions it generates are added to the dataset."""
+    if captioner is None or not features:
+        return
+    from .features import CaptionDataset
+
+    captioner.features = CaptionDataset(features, writable=True)
 
 
 def _deep_copy(value: Any) -> Any:

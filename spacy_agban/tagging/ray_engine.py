@@ -2,7 +2,7 @@
 
     plan parts (driver: the reader of :mod:`.posts`, as the local engine)
       -> read + parse each part, its image bytes + sha256 (tasks, one per part)
-      -> captions (actor pool, with an image_captioner: caption store, model on the misses)
+      -> captions (actor pool, with an image_captioner: features dataset, caption store, model on the misses)
       -> objects (actor pool: features dataset, store, detector on the misses)
       -> tag (CPU actor pool: the pipeline loaded once per actor)
       -> the driver writes each part once all its rows are back
@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import core
 from .job import start_job
-from .models import PipelineReads, describe_pipeline, load_captioner, load_object_units, load_tagger
+from .models import PipelineReads, attach_captions, describe_pipeline, load_captioner, load_object_units, load_tagger
 from .posts import (
     Input,
     InputError,
@@ -216,11 +216,14 @@ class ObjectsActor:
 
 class CaptionActor:
     """The pipeline's image_captioner alone, loaded once: captions the posts that have
-    an image and no caption (its caption store first, its model on the misses)."""
+    an image and no caption (the features dataset's captions and its caption store
+    first, its model on the misses; what it generates is added to the dataset)."""
 
-    def __init__(self, reads: PipelineReads, use_gpu: bool, keep_bytes: bool = True):
+    def __init__(self, reads: PipelineReads, use_gpu: bool, keep_bytes: bool = True,
+                 features: Optional[str] = None):
         self.captioner = load_captioner(reads, device=_device(use_gpu))
         self.captioner.skipped.limit = 0  # failures are rows, not warnings
+        attach_captions(self.captioner, features)
         self.keep_bytes = keep_bytes  # for the objects stage after this one
 
     def __call__(self, table: Any) -> Any:
@@ -292,8 +295,8 @@ def run_ray(model: str, input_path: str, output: str, columns: core.PostColumns 
     The driver plans the parts and writes them; the workers read the posts (the
     input must be at the same path on every node: a shared mount), their images,
     features and detections, and tag them. ``features``: a Parquet features
-    dataset (path or URI) read before the pipeline's store; detections of images
-    not in it are added to it. Every check (the features dataset, the input, the
+    dataset (path or URI) read before the pipeline's stores; detections and captions
+    of images not in it are added to it. Every check (the features dataset, the input, the
     output folder's job) is made before a cluster is joined or started.
     """
     options = options or RayOptions()
@@ -326,7 +329,7 @@ def run_ray(model: str, input_path: str, output: str, columns: core.PostColumns 
                                 batch_size=1, num_cpus=options.io_cpus)
             if captions:
                 ds = ds.map_batches(stages.caption, fn_constructor_kwargs={"reads": reads, "use_gpu": bool(caption_gpus),
-                                                           "keep_bytes": objects},
+                                                           "keep_bytes": objects, "features": features},
                                     compute=ActorPoolStrategy(size=options.caption_actors), batch_format="pyarrow",
                                     batch_size=options.caption_batch_size, num_cpus=options.caption_cpus,
                                     num_gpus=caption_gpus)

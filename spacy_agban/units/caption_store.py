@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 SCHEMA_VERSION = 1
 
@@ -125,6 +125,11 @@ class CaptionStore:
         now = time.time()
         self._write("INSERT OR REPLACE INTO captions (image_key, sig, caption, created) VALUES (?, ?, ?, ?)",
                     [(key, sig, caption, now) for key, caption in entries])
+
+    def keys(self, sig: str) -> Iterator[str]:
+        """The image keys of this captioner signature (``features export`` reads them)."""
+        for (key,) in self._connection().execute("SELECT image_key FROM captions WHERE sig = ?", (sig,)):
+            yield key
 
     def count(self, sig: Optional[str] = None) -> int:
         conn = self._connection()

@@ -182,11 +182,16 @@ class ImageCaptioner:
         self._memo: Dict[str, str] = {}
         self._key_memo: Dict[Any, str] = {}
         self._signature: Optional[str] = None
+        #: Captions read before the store, as the object units' ``features``: the batch
+        #: engines attach a features dataset's captions here (``tag --features``); if it
+        #: is ``writable`` it also receives the captions generated (``put_many``).
+        self.features: Optional[Any] = None
         self.skipped = SkipWarnings("images", ImageWarning)
         self.skipped_captions = SkipWarnings("captions", CaptionWarning)
         # Counters, for tests and summaries: distinct images per lookup.
         self.n_generated = 0
         self.n_store_hits = 0
+        self.n_feature_hits = 0
 
     # -- configuration ----------------------------------------------------------------
 
@@ -275,17 +280,23 @@ class ImageCaptioner:
         return outcomes  # type: ignore[return-value]
 
     def lookup(self, images: Sequence[KeyedImage]) -> Dict[str, CaptionOutcome]:
-        """One outcome per distinct content key: this process's captions, then the
-        store, then the model on the misses (new captions are written back). The
-        one keyed lookup: the pipe and the ``tag`` engines (which read and hash the
-        images themselves) both call it."""
+        """One outcome per distinct content key: the attached ``features`` (if any),
+        this process's captions or the store, then the model on the misses (new
+        captions are written back). The one keyed lookup: the pipe and the ``tag``
+        engines (which read and hash the images themselves) both call it."""
         first = first_per_key(images)
         found: Dict[str, CaptionOutcome] = {}
-        if self.store is not None:
-            hits = self.store.get_many(list(first), self.signature)
-            self.n_store_hits += len(hits)
-        else:
-            hits = {key: self._memo[key] for key in first if key in self._memo}
+        hits: Dict[str, str] = {}
+        if self.features is not None:
+            hits = self.features.get_many(list(first), self.signature)
+            self.n_feature_hits += len(hits)
+        rest = [key for key in first if key not in hits]
+        if self.store is not None and rest:
+            stored = self.store.get_many(rest, self.signature)
+            self.n_store_hits += len(stored)
+            hits.update(stored)
+        elif self.store is None:
+            hits.update((key, self._memo[key]) for key in rest if key in self._memo)
         for key, caption in hits.items():
             found[key] = CaptionOutcome("cached", caption, describe(first[key].ref))
         pending = [key for key in first if key not in hits]
@@ -314,6 +325,8 @@ class ImageCaptioner:
             if len(self._memo) > MAX_MEMO:  # a long run without a store: memory stays bounded
                 self._memo.clear()
             self._memo.update(written)
+        if written and self.features is not None and self.features.writable:
+            self.features.put_many(written, self.signature, self.description())
         return found
 
     def _run_model(self, images: List[Any]) -> List[Union[str, Exception]]:

@@ -63,3 +63,30 @@ def test_ray_captions_image_only_posts_like_the_local_engine(world) -> None:
     assert local["counts"].get("caption:generated", 0) == 0 and local["counts"]["caption:cached"] == 7
     assert "captions of images: 7 read from the caption store" in local["summary"]
     assert read_output(root / "local") == rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT)
+def test_ray_caption_actors_read_the_features_dataset_before_their_store(world) -> None:
+    """A dataset holding a caption of each image (another machine's, here a known text):
+    the caption actors read it first, caption nothing and the text reaches agban."""
+    import hashlib
+
+    from spacy_agban.tagging.features import CaptionDataset
+    from spacy_agban.tagging.models import describe_pipeline, load_captioner
+
+    root, model, source = world["root"], world["model"], world["source"]
+    captioner = load_captioner(describe_pipeline(str(model)))
+    images = root / "images"
+    keys = [hashlib.sha256((images / name).read_bytes()).hexdigest() for name in set(NAMES) - {"missing.jpg"}]
+    dataset = CaptionDataset(str(root / "features"), writable=True)
+    dataset.put_many([(key, "a dog playing on the grass") for key in keys], captioner.signature,
+                     captioner.description())
+    options = RayOptions(tag_actors=1, caption_actors=1, batch_size=3, caption_batch_size=3)
+    result = run_ray(str(model), str(source), str(root / "ray-features"), options=options, part_size=4,
+                     features=str(root / "features"))
+    counts = Counter(result["counts"])
+    assert counts["caption:cached"] == 7 and counts["caption:generated"] == 0
+    out = {r["id"]: r for r in read_output(root / "ray-features")}
+    for key in ("p0", "p1", "p2", "p3", "p4", "p6", "p7"):
+        assert [u["label"] for u in out[key]["visual_units"]] == ["dog", "playing", "grass"], key
