@@ -68,7 +68,7 @@ def evaluate(
     data: Path = typer.Argument(..., help="A .spacy DocBin with doc._.image / doc._.image_caption"),
     output: Optional[Path] = typer.Option(None, help="Write both score sets to this JSON file"),
     batch_size: int = typer.Option(64, help="nlp.pipe batch size"),
-    precision: str = typer.Option("fp32", "--precision", help="The transformer's inference precision: fp32, bf16 or int8 (docs/profile.md)"),
+    precision: str = typer.Option("fp32", "--precision", help="The transformer's inference precision or runtime: fp32, bf16, int8, onnx or onnx-int8 (docs/profile.md)"),
     int8: bool = typer.Option(False, "--int8", hidden=True, help="Same as --precision int8"),
     captions: Optional[str] = typer.Option(
         None, help="Score these caption variants instead of the two columns, comma-separated: "
@@ -109,7 +109,7 @@ def evaluate(
         raise typer.Exit(1)
     try:
         set_precision(nlp, precision)
-    except ValueError as err:  # no transformer component to convert
+    except (ValueError, ImportError) as err:  # no transformer to convert; onnx without onnxruntime
         typer.echo(f"error: {one_line(err)}", err=True)
         raise typer.Exit(1)
     if captions is not None:

@@ -47,7 +47,7 @@ def tag_command(
     detect_batch_size: int = typer.Option(16, "--detect-batch-size", help="ray: images per detect batch"),
     detect_resource: Optional[List[str]] = typer.Option(None, "--detect-resource", help="ray: NAME=AMOUNT, a custom resource each detect actor needs (pins detection to the nodes that have it); repeatable"),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="An input without posts is not an error"),
-    precision: str = typer.Option("fp32", "--precision", help="The transformer's inference precision: fp32, bf16 or int8 (docs/profile.md)"),
+    precision: str = typer.Option("fp32", "--precision", help="The transformer's inference precision or runtime: fp32, bf16, int8, onnx or onnx-int8 (docs/profile.md)"),
     unique_ids: bool = typer.Option(False, "--unique-ids", help="Refuse an input in which posts share an id (by default: a warning with the count)"),
     caption_actors: int = typer.Option(1, "--caption-actors", help="ray: captioner actors (a pipeline with an image_captioner)"),
     caption_cpus: float = typer.Option(1.0, "--caption-cpus", help="ray: CPUs per caption actor"),
@@ -161,6 +161,12 @@ def precision_problem(precision: str, model: Path) -> Optional[str]:
         return f"--precision takes {', '.join(PRECISIONS)}, got {precision!r}"
     if precision == "fp32":
         return None
+    if precision.startswith("onnx"):
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+            return (f"--precision {precision} needs the onnxruntime and onnx packages: "
+                    "pip install 'spacy-agban[onnx]'")
     try:
         components = load_config(Path(model) / "config.cfg", interpolate=False).get("components", {})
     except Exception:  # an unreadable config: spacy.load says why, later

@@ -28,7 +28,7 @@ from spacy.util import registry
 Transformer = Any  # spacy_transformers.Transformer, imported only where used (heavy)
 
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "onnx", "onnx-int8")
 
 
 def set_precision(nlp: Language, precision: str) -> Language:
@@ -39,6 +39,8 @@ def set_precision(nlp: Language, precision: str) -> Language:
         return to_bf16(nlp)
     if precision == "int8":
         return quantize_int8(nlp)
+    if precision in ("onnx", "onnx-int8"):
+        return to_onnx(nlp, quantize=precision == "onnx-int8")
     return nlp
 
 
@@ -77,9 +79,12 @@ def make_inference_only(pipe: Transformer, precision: str) -> None:
         setattr(pipe, method, refuse)
 
 
-def component_converter(precision: str, convert_encoder: Callable[[torch.nn.Module], None]) -> Callable[[Transformer], None]:
-    """A function converting one component's encoder in place with ``convert_encoder``
-    (once: converting again is a no-op, from another lower precision an error)."""
+def component_converter(
+    precision: str, convert_encoder: Callable[[torch.nn.Module], Optional[torch.nn.Module]]
+) -> Callable[[Transformer], None]:
+    """A function converting one component's encoder with ``convert_encoder``, in place
+    or by the module it returns (once: converting again is a no-op, from another lower
+    precision an error)."""
 
     def convert(pipe: Transformer) -> None:
         current = getattr(pipe, "precision", "fp32")
@@ -89,7 +94,9 @@ def component_converter(precision: str, convert_encoder: Callable[[torch.nn.Modu
             raise ValueError(f"The '{pipe.name}' component already runs {current}: convert the fp32 pipeline.")
         encoder = encoder_of(pipe)
         encoder.eval()
-        convert_encoder(encoder)
+        replacement = convert_encoder(encoder)
+        if replacement is not None:
+            pipe.model.layers[0].shims[0]._model = replacement
         pipe.precision = precision
         make_inference_only(pipe, precision)
 
@@ -218,3 +225,37 @@ def make_int8_inference() -> Callable[[Language], Language]:
     """``[nlp.after_pipeline_creation]`` callback: each transformer component is
     quantized as soon as it has loaded its weights (``from_disk`` / ``from_bytes``)."""
     return after_loading_callback("int8", quantize_component)
+
+
+# ----- ONNX Runtime ---------------------------------------------------------------------
+# The encoder exported to ONNX at load and run by ONNX Runtime (onnx_runtime.py); "onnx"
+# keeps fp32, "onnx-int8" quantizes the graph's matrix products as the int8 path does.
+
+
+def _onnx_converter(quantize: bool) -> Callable[[Transformer], None]:
+    from .onnx_runtime import onnx_encoder
+
+    return component_converter("onnx-int8" if quantize else "onnx",
+                               lambda encoder: onnx_encoder(encoder, quantize))
+
+
+def to_onnx(nlp: Language, quantize: bool = False) -> Language:
+    """The transformer components of a loaded pipeline on ONNX Runtime (in place)."""
+    from .onnx_runtime import require_onnxruntime
+
+    require_onnxruntime()
+    precision = "onnx-int8" if quantize else "onnx"
+    return convert_pipeline(nlp, precision, _onnx_converter(quantize))
+
+
+@registry.callbacks("spacy_agban.onnx_inference.v1")
+def make_onnx_inference() -> Callable[[Language], Language]:
+    """``[nlp.after_pipeline_creation]`` callback: each transformer component runs its
+    encoder on ONNX Runtime (fp32) once it has loaded its weights."""
+    return after_loading_callback("onnx", _onnx_converter(False))
+
+
+@registry.callbacks("spacy_agban.onnx_int8_inference.v1")
+def make_onnx_int8_inference() -> Callable[[Language], Language]:
+    """``[nlp.after_pipeline_creation]`` callback: ONNX Runtime with int8 matrix products."""
+    return after_loading_callback("onnx-int8", _onnx_converter(True))
