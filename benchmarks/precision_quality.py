@@ -1,4 +1,4 @@
-"""Lower-precision inference (bf16, int8) against fp32 for a trained transformer
+"""Lower-precision inference (bf16, int8) and ONNX Runtime (onnx, onnx-int8) against fp32 for a trained transformer
 pipeline: F1 in both evaluation columns and speed, side by side in one run, one thread.
 
     OMP_NUM_THREADS=1 python -m benchmarks.precision_quality \
@@ -30,7 +30,7 @@ def main(
     data: Path = typer.Argument(ROOT / "corpus" / "test.spacy"),
     speed_docs: int = typer.Option(256), reps: int = typer.Option(3),
     batch_size: int = typer.Option(64),
-    precisions: str = typer.Option("bf16,int8", help="Comma-separated: bf16, int8"),
+    precisions: str = typer.Option("bf16,int8", help="Comma-separated: bf16, int8, onnx, onnx-int8"),
     output: Path = typer.Option(ROOT / "metrics" / "precision_quality.json"),
     report: Optional[Path] = typer.Option(ROOT / "metrics" / "precision_quality.md"),
 ) -> None:
@@ -42,12 +42,12 @@ def main(
     import spacy_agban.layers.transformer  # noqa: F401
     from spacy_agban.training.docs_io import read_fresh_docs
     from spacy_agban.training.evaluation import WITH_CONTEXT, WITHOUT_CONTEXT, evaluate_both
-    from spacy_agban.inference.precision import set_precision
+    from spacy_agban.inference.precision import PRECISIONS, set_precision
 
     chosen = [p.strip() for p in precisions.split(",") if p.strip()]
-    unknown = [p for p in chosen if p not in ("bf16", "int8")]
+    unknown = [p for p in chosen if p not in PRECISIONS[1:]]
     if unknown or not chosen:
-        raise typer.BadParameter(f"--precisions takes bf16 and/or int8, got {precisions!r}")
+        raise typer.BadParameter(f"--precisions takes {', '.join(PRECISIONS[1:])}, got {precisions!r}")
     torch.set_num_threads(1)
     started = time.perf_counter()
     nlps = {"fp32": spacy.load(model), **{p: set_precision(spacy.load(model), p) for p in chosen}}

@@ -54,7 +54,7 @@ def worker(config: str = typer.Option("", help="A config to build (relative to -
            model: str = typer.Option("", help="A trained pipeline to load"),
            root: Path = typer.Option(...), docs: int = typer.Option(256),
            batch_size: int = typer.Option(64),
-           precision: str = typer.Option("fp32", help="fp32, or bf16 / int8 for a transformer pipeline")) -> None:
+           precision: str = typer.Option("fp32", help="fp32, or bf16 / int8 / onnx / onnx-int8 for a transformer pipeline")) -> None:
     """Build or load one pipeline, then answer ``batch1`` / ``pipe`` / ``ents`` / ``quit``."""
     import spacy
     import torch
@@ -215,14 +215,16 @@ def main(
     spacy_ner: bool = typer.Option(True, help="Also time spaCy's ner (configs/spacy_ner.cfg), the ratios' reference"),
     docs: int = typer.Option(256), reps: int = typer.Option(5),
     batch_size: int = typer.Option(64),
-    precisions: str = typer.Option("", help="Also the transformer pipelines in these precisions: bf16, int8"),
+    precisions: str = typer.Option("", help="Also the transformer pipelines in these precisions: bf16, int8, onnx, onnx-int8"),
     output: Path = typer.Option(ROOT / "metrics" / "cost_compare.json"),
     report: Optional[Path] = typer.Option(ROOT / "metrics" / "cost_compare.md"),
 ) -> None:
     """Time the pipelines side by side; check the baseline's entities agree."""
     chosen_precisions = [p for p in precisions.split(",") if p]
-    if set(chosen_precisions) - {"bf16", "int8"}:
-        raise typer.BadParameter(f"--precisions takes bf16 and/or int8, got {precisions!r}")
+    from spacy_agban.inference.precision import PRECISIONS
+
+    if set(chosen_precisions) - set(PRECISIONS[1:]):
+        raise typer.BadParameter(f"--precisions takes {', '.join(PRECISIONS[1:])}, got {precisions!r}")
     old = baseline_tree(baseline) if baseline else None
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                               capture_output=True, text=True).stdout.strip()
