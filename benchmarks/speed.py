@@ -268,10 +268,20 @@ def main(
         name.split("@")[0]: ents[name] == ents[name.split("@")[0]] for name in workers if name.endswith("@baseline")
     }
     result["docs_with_fp32_entities"] = {  # lower precision against this tree's fp32
-        name: share_same(ents[name]["pipe"], ents[name.rsplit("-", 1)[0]]["pipe"])
-        for name in workers if name.rsplit("-", 1)[-1] in ("bf16", "int8")
+        name: share_same(ents[name]["pipe"], ents[split_precision(name)[0]]["pipe"])
+        for name in workers if split_precision(name)[1] != "fp32"
     }
     write_report(result, output, report, markdown)
+
+
+def split_precision(name: str) -> "tuple[str, str]":
+    """``accurate-onnx-int8`` -> (``accurate``, ``onnx-int8``); no suffix: fp32."""
+    from spacy_agban.inference.precision import PRECISIONS
+
+    for precision in sorted(PRECISIONS[1:], key=len, reverse=True):
+        if name.endswith(f"-{precision}"):
+            return name[: -len(precision) - 1], precision
+    return name, "fp32"
 
 
 def share_same(docs: List[Any], reference: List[Any]) -> float:
@@ -325,7 +335,7 @@ def markdown(result: Dict[str, Any]) -> str:
             lines.append(line)
         lines.append(f"- {name}: same entities as the baseline on every doc: {result['same_entities'][name]}")
     for low, share in result.get("docs_with_fp32_entities", {}).items():
-        name, precision = low.rsplit("-", 1)
+        name, precision = split_precision(low)
         for mode in ("batch1", "pipe"):
             lines.append(f"- {name} {precision} {mode}: / fp32 = "
                          f"{p[name][mode]['seconds'] / p[low][mode]['seconds']:.2f}x")

@@ -18,6 +18,7 @@ Needs the ``onnxruntime`` and ``onnx`` packages (``pip install spacy-agban[onnx]
 CPU only. Speed and F1 against the PyTorch paths: ``docs/results.md``.
 """
 import io
+import logging
 import re
 import warnings
 import tempfile
@@ -104,11 +105,19 @@ def quantize_graph(model_bytes: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "encoder.onnx", Path(folder) / "encoder.int8.onnx"
         source.write_bytes(model_bytes)
-        quantize_dynamic(
-            source, target, weight_type=QuantType.QInt8, per_channel=True,
-            nodes_to_exclude=quantized_node_exclusions(model_bytes),
-            extra_options={"DefaultTensorType": TensorProto.FLOAT},
-        )
+        # the quantizer advises pre-processing on the root logger, meant for static
+        # (calibrated) quantization of vision models: not this graph's case
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(
+                source, target, weight_type=QuantType.QInt8, per_channel=True,
+                nodes_to_exclude=quantized_node_exclusions(model_bytes),
+                extra_options={"DefaultTensorType": TensorProto.FLOAT},
+            )
+        finally:
+            root.setLevel(level)
         return target.read_bytes()
 
 
