@@ -82,7 +82,7 @@ def quantized_node_exclusions(model_bytes: bytes) -> List[str]:
     PyTorch int8 path keeps (named after the module path in the exported graph)."""
     import onnx
 
-    from .precision import keeps_fp32
+    from .int8_layers import keeps_fp32
 
     graph = onnx.load_from_string(model_bytes).graph
     kept = []

@@ -25,6 +25,8 @@ import torch
 from spacy.language import Language
 from spacy.util import registry
 
+from .int8_layers import FP32_SUFFIXES, keeps_fp32  # noqa: F401  (re-exported: one rule for both int8 paths)
+
 Transformer = Any  # spacy_transformers.Transformer, imported only where used (heavy)
 
 
@@ -183,19 +185,6 @@ def make_bf16_inference() -> Callable[[Language], Language]:
 # bf16: set_precision(nlp, "int8"), --precision int8, or the config callback
 # spacy_agban.int8_inference.v1. bf16 keeps F1 where int8 loses some, and is faster on a
 # CPU with native bf16.
-
-# Linear layers left in fp32 (BERT-style module names). Chosen on the dev split with the
-# accurate pipeline (docs/profile.md): quantizing every layer cost 1.9 F1 on dev (mean of
-# the two evaluation columns); keeping the feed-forward output projections (which read
-# the GELU activations, whose outliers per-tensor int8 rounds badly) and the attention
-# query/key projections in fp32 cost 0.4.
-FP32_SUFFIXES = ("attention.self.query", "attention.self.key")
-
-
-def keeps_fp32(name: str) -> bool:
-    """Whether the linear layer ``name`` of a BERT-style encoder stays in fp32."""
-    ffn_output = name.endswith("output.dense") and "attention" not in name
-    return ffn_output or name.endswith(FP32_SUFFIXES)
 
 
 def quantized_linear_names(hf_model: torch.nn.Module) -> Set[str]:
