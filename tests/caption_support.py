@@ -101,3 +101,18 @@ def image_only_posts(names: List[str]) -> List[Dict[str, Any]]:
     """Posts that have an image and no caption (what users hold), ids p0, p1, ..."""
     texts = ["Kolo is here", "I love Paris", "Visiting Apple today"]
     return [{"id": f"p{i}", "text": texts[i % len(texts)], "image": name} for i, name in enumerate(names)]
+
+
+def count_generate(monkeypatch) -> List[int]:
+    """The number of images of each ImageCaptioner.generate call, from now on."""
+    from spacy_agban.units.captioner import ImageCaptioner
+
+    calls: List[int] = []
+    original = ImageCaptioner.generate
+
+    def counted(self, images):
+        calls.append(len(images))
+        return original(self, images)
+
+    monkeypatch.setattr(ImageCaptioner, "generate", counted)
+    return calls

@@ -12,12 +12,11 @@ from typer.testing import CliRunner
 pytest.importorskip("pyarrow")
 
 from batch_support import write_jsonl  # noqa: E402
-from caption_support import build_captioning_pipeline, image_only_posts  # noqa: E402
+from caption_support import build_captioning_pipeline, count_generate, image_only_posts  # noqa: E402
 from spacy_agban.tagging.features import CaptionDataset, FeatureDataset, export_store  # noqa: E402
 from spacy_agban.tagging.local import run_local  # noqa: E402
 from spacy_agban.tagging.posts import read_output  # noqa: E402
 from spacy_agban.units.caption_store import CaptionStore  # noqa: E402
-from spacy_agban.units.captioner import ImageCaptioner  # noqa: E402
 
 NAMES = ["102.jpg", "106.jpg", "130.jpg", "149.jpg", "102.jpg", "missing.jpg", "106.jpg"]
 
@@ -30,15 +29,7 @@ def captioning_model(tmp_path_factory):
 @pytest.fixture
 def generated(monkeypatch):
     """The number of images of each ImageCaptioner.generate call."""
-    calls = []
-    original = ImageCaptioner.generate
-
-    def counted(self, images):
-        calls.append(len(images))
-        return original(self, images)
-
-    monkeypatch.setattr(ImageCaptioner, "generate", counted)
-    return calls
+    return count_generate(monkeypatch)
 
 
 def use_cache(monkeypatch, folder: Path) -> Path:

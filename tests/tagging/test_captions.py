@@ -11,10 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from batch_support import write_jsonl
-from caption_support import build_captioning_pipeline, image_only_posts
+from caption_support import build_captioning_pipeline, count_generate, image_only_posts
 from spacy_agban.tagging.local import run_local
 from spacy_agban.tagging.posts import JOB_FILE, read_output
-from spacy_agban.units.captioner import ImageCaptioner
 
 NAMES = ["102.jpg", "106.jpg", "130.jpg", "149.jpg", "102.jpg", "missing.jpg", "106.jpg"]
 
@@ -28,15 +27,7 @@ def captioning_model(tmp_path_factory):
 def generated(monkeypatch, tmp_path):
     """The images each ImageCaptioner.generate call got; the caption store in tmp_path."""
     monkeypatch.setenv("SPACY_AGBAN_CACHE", str(tmp_path / "cache"))
-    calls = []
-    original = ImageCaptioner.generate
-
-    def counted(self, images):
-        calls.append(len(images))
-        return original(self, images)
-
-    monkeypatch.setattr(ImageCaptioner, "generate", counted)
-    return calls
+    return count_generate(monkeypatch)
 
 
 def posts_file(tmp_path):
