@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy
 
@@ -120,7 +120,7 @@ class FeatureStore:
             raise FileNotFoundError(missing_store_message(self.path))
         else:  # opening touches the file: only a feature store may be opened
             check_is_feature_store(self.path, create)
-        self._setup(self._connection())
+        _retry_transient_io(lambda: self._setup(self._connection()), on_retry=self.close)
 
     def __getstate__(self) -> Dict[str, object]:
         # Connections never travel (pickling for spawned worker processes): reopen there.
@@ -308,6 +308,46 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 _EMPTY_FILE_GRACE_S = 0.3
 
 
+#: How long opening a store retries an SQLite I/O error. Another process that opens or
+#: closes the same WAL database at that moment (a worker that exits as a job ends) can
+#: make an open fail with "disk I/O error" while the files are sound; the next open
+#: succeeds. A lasting I/O error still raises after this.
+_TRANSIENT_IO_GRACE_S = 5.0
+_SQLITE_IOERR = 10  # the primary result code; extended codes keep it in the low byte
+
+
+def _is_io_error(err: sqlite3.Error) -> bool:
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == _SQLITE_IOERR
+    return "disk I/O error" in str(err)
+
+
+def _describe(err: sqlite3.Error) -> str:
+    name = getattr(err, "sqlite_errorname", None)
+    return f"{err}, {name}" if name else str(err)
+
+
+T = TypeVar("T")
+
+
+def _retry_transient_io(action: Callable[[], T], on_retry: Optional[Callable[[], None]] = None) -> T:
+    """Run ``action``; on an SQLite I/O error, run ``on_retry`` (drop the connection)
+    and try again until ``_TRANSIENT_IO_GRACE_S`` has passed, then raise the last error."""
+    deadline = time.monotonic() + _TRANSIENT_IO_GRACE_S
+    delay = 0.05
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as err:
+            if not _is_io_error(err) or time.monotonic() + delay > deadline:
+                raise
+        if on_retry is not None:
+            on_retry()
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
 class NotAFeatureStore(ValueError):
     """The path holds something other than a feature store: it is left untouched."""
 
@@ -328,10 +368,13 @@ def _read_schema(path: Path) -> Tuple[int, set]:
         finally:
             conn.close()
 
-    try:
-        return read(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60.0))
-    except sqlite3.OperationalError:
-        return read(sqlite3.connect(str(path), timeout=60.0))
+    def read_once() -> Tuple[int, set]:
+        try:
+            return read(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60.0))
+        except sqlite3.OperationalError:
+            return read(sqlite3.connect(str(path), timeout=60.0))
+
+    return _retry_transient_io(read_once)
 
 
 def check_is_feature_store(path: Path, create: bool = True) -> None:
@@ -362,7 +405,7 @@ def check_is_feature_store(path: Path, create: bool = True) -> None:
     try:
         version, tables = _read_schema(path)
     except sqlite3.DatabaseError as err:
-        raise refuse(f"a damaged SQLite database ({err})") from None
+        raise refuse(f"a damaged SQLite database ({_describe(err)})") from None
     if version != 0 or "detections" in tables:
         return  # a store, or a versioned database that _setup refuses by its version
     if version == 0 and not tables and create:
