@@ -67,10 +67,13 @@ def export_encoder(hf_model: torch.nn.Module) -> bytes:
     buffer = io.BytesIO()
     # the TorchScript exporter (dynamo=False: no onnxscript dependency) warns about its
     # own deprecation and the traced mask constants, which are shape-independent here
+    # The exporter puts the module it is given back in that module's mode: a wrapper built
+    # in training mode would leave the encoder with dropout on after the export.
+    graph = Graph(hf_model).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            Graph(hf_model), (example, example, torch.zeros_like(example)), buffer,
+            graph, (example, example, torch.zeros_like(example)), buffer,
             input_names=list(INPUT_NAMES), output_names=outputs, dynamic_axes=axes,
             opset_version=17, dynamo=False,
         )

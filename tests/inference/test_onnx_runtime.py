@@ -82,3 +82,23 @@ def _graph_nodes(encoder: OnnxEncoder):
     import onnx
 
     return onnx.load_from_string(encoder.model_bytes).graph.node
+
+
+def test_exporting_leaves_the_encoder_as_it_was_and_matches_it_on_padded_ids() -> None:
+    # A Hugging Face model loaded directly, not through the pipeline: the export must not
+    # switch it to training mode (dropout on), and the graph must follow the attention
+    # mask and any length, not the shape it was traced with.
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(minilm.get_model_path())).eval()
+    encoder = OnnxEncoder(model, export_encoder(model), threads=1)
+    assert model.training is False
+    ids = torch.randint(1000, 20000, (3, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 3:] = 0
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert torch.allclose(got[real], expected[real], atol=1e-4)
