@@ -184,6 +184,16 @@ def baseline_tree(revision: str) -> Path:
     return folder
 
 
+def has_encoder(spec: Spec) -> bool:
+    """Whether the pipeline has a transformer component (a trained one: as its config lists)."""
+    if spec.config:
+        return spec.config == CONFIGS["accurate"]
+    from thinc.api import Config
+
+    config = Path(spec.model) / "config.cfg"
+    return config.exists() and "transformer" in Config().from_disk(config, interpolate=False)["nlp"]["pipeline"]
+
+
 def specs_of(pipelines: str, models: List[str], precisions: List[str], spacy_ner: bool,
              old: Optional[Path]) -> List[Spec]:
     """What to time: each pipeline here (and on the baseline), its lower precisions, spaCy's ner."""
@@ -200,7 +210,7 @@ def specs_of(pipelines: str, models: List[str], precisions: List[str], spacy_ner
         if old is not None:
             specs.append(Spec(f"{spec.name}@baseline", spec.config, spec.model, tree=old))
         specs.append(spec)
-        if spec.config == CONFIGS["accurate"] or spec.model:  # a pipeline with an encoder to convert
+        if precisions and has_encoder(spec):  # set_precision converts the encoder; others have none
             specs += [Spec(f"{spec.name}-{p}", spec.config, spec.model, precision=p) for p in precisions]
     if spacy_ner and REFERENCE not in {s.name for s in specs}:
         specs.append(Spec(REFERENCE, config=CONFIGS[REFERENCE]))
