@@ -65,11 +65,11 @@ def export_encoder(hf_model: torch.nn.Module) -> bytes:
 
     axes = {name: {0: "batch", 1: "length"} for name in INPUT_NAMES + tuple(outputs)}
     buffer = io.BytesIO()
-    # the TorchScript exporter (dynamo=False: no onnxscript dependency) warns about its
-    # own deprecation and the traced mask constants, which are shape-independent here
     # The exporter puts the module it is given back in that module's mode: a wrapper built
     # in training mode would leave the encoder with dropout on after the export.
     graph = Graph(hf_model).eval()
+    # the TorchScript exporter (dynamo=False: no onnxscript dependency) warns about its
+    # own deprecation and the traced mask constants, which are shape-independent here
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
