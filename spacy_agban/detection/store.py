@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy
 
@@ -120,7 +120,7 @@ class FeatureStore:
             raise FileNotFoundError(missing_store_message(self.path))
         else:  # opening touches the file: only a feature store may be opened
             check_is_feature_store(self.path, create)
-        _retry_transient_io(lambda: self._setup(self._connection()), on_retry=self.close)
+        self._setup(self._connection())
 
     def __getstate__(self) -> Dict[str, object]:
         # Connections never travel (pickling for spawned worker processes): reopen there.
@@ -302,50 +302,17 @@ def missing_store_message(path: Path, looked_for: Optional[Path] = None, saved: 
     )
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
 #: How long an empty file may take to become a database (a writer that just created
 #: it writes the header within milliseconds); only an empty file waits.
 _EMPTY_FILE_GRACE_S = 0.3
 
 
-#: How long opening a store retries an SQLite I/O error. Another process that opens or
-#: closes the same WAL database at that moment (a worker that exits as a job ends) can
-#: make an open fail with "disk I/O error" while the files are sound; the next open
-#: succeeds. A lasting I/O error still raises after this.
-_TRANSIENT_IO_GRACE_S = 5.0
-_SQLITE_IOERR = 10  # the primary result code; extended codes keep it in the low byte
-
-
-def _is_io_error(err: sqlite3.Error) -> bool:
-    code = getattr(err, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF == _SQLITE_IOERR
-    return "disk I/O error" in str(err)
+_SQLITE_NOTADB = 26  # "file is not a database"
 
 
 def _describe(err: sqlite3.Error) -> str:
     name = getattr(err, "sqlite_errorname", None)
     return f"{err}, {name}" if name else str(err)
-
-
-T = TypeVar("T")
-
-
-def _retry_transient_io(action: Callable[[], T], on_retry: Optional[Callable[[], None]] = None) -> T:
-    """Run ``action``; on an SQLite I/O error, run ``on_retry`` (drop the connection)
-    and try again until ``_TRANSIENT_IO_GRACE_S`` has passed, then raise the last error."""
-    deadline = time.monotonic() + _TRANSIENT_IO_GRACE_S
-    delay = 0.05
-    while True:
-        try:
-            return action()
-        except sqlite3.OperationalError as err:
-            if not _is_io_error(err) or time.monotonic() + delay > deadline:
-                raise
-        if on_retry is not None:
-            on_retry()
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
 
 
 class NotAFeatureStore(ValueError):
@@ -368,13 +335,10 @@ def _read_schema(path: Path) -> Tuple[int, set]:
         finally:
             conn.close()
 
-    def read_once() -> Tuple[int, set]:
-        try:
-            return read(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60.0))
-        except sqlite3.OperationalError:
-            return read(sqlite3.connect(str(path), timeout=60.0))
-
-    return _retry_transient_io(read_once)
+    try:
+        return read(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60.0))
+    except sqlite3.OperationalError:
+        return read(sqlite3.connect(str(path), timeout=60.0))
 
 
 def check_is_feature_store(path: Path, create: bool = True) -> None:
@@ -383,6 +347,12 @@ def check_is_feature_store(path: Path, create: bool = True) -> None:
 
     Reads only: an empty file, a file of another format or another program's database
     is never given a schema (opening a path with SQLite writes to it).
+
+    The file is read through SQLite only, never opened and closed by a handle of our own:
+    closing any handle of a file drops every POSIX lock this process holds on it, those of
+    its open SQLite connections included. Another process's connection would then take
+    itself for the last one, checkpoint and delete the WAL under them, and later opens in
+    this process fail with "disk I/O error" (SQLITE_IOERR_SHORT_READ) as long as it runs.
     """
     def refuse(what: str) -> NotAFeatureStore:
         return NotAFeatureStore(
@@ -396,15 +366,13 @@ def check_is_feature_store(path: Path, create: bool = True) -> None:
     while path.stat().st_size == 0 and waited < _EMPTY_FILE_GRACE_S:
         time.sleep(0.05)
         waited += 0.05
-    with path.open("rb") as handle:
-        header = handle.read(len(SQLITE_HEADER))
-    if not header:
+    if path.stat().st_size == 0:
         raise refuse("an empty file")
-    if header != SQLITE_HEADER:
-        raise refuse("not an SQLite database")
     try:
         version, tables = _read_schema(path)
     except sqlite3.DatabaseError as err:
+        if getattr(err, "sqlite_errorcode", None) == _SQLITE_NOTADB:
+            raise refuse("not an SQLite database") from None
         raise refuse(f"a damaged SQLite database ({_describe(err)})") from None
     if version != 0 or "detections" in tables:
         return  # a store, or a versioned database that _setup refuses by its version
