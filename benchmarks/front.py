@@ -361,17 +361,6 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 # ----- the plot --------------------------------------------------------------------------
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("The front's plot needs matplotlib: pip install spacy-agban[viz]") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _label_ranks(placed: List[Dict[str, Any]]) -> List[Tuple[Dict[str, Any], int]]:
     """Each point with its rank, by F1, among the points within a factor 1.6 of its cost."""
     def cost(row: Dict[str, Any]) -> float:
@@ -389,7 +378,9 @@ def plot(result: Dict[str, Any], path: Path) -> List[str]:
     """F1 against the batched words/s ratio (log scale), filled with visual context, hollow
     without, goal regions shaded; an SVG that is the same bytes for the same result. Returns
     the points left out (no speed or no F1)."""
-    plt = _pyplot()
+    from spacy_agban.cli.plots import pyplot
+
+    plt = pyplot()
     placed = [r for r in result["points"] if r["ratio_to_spacy_ner"]["batch"] is not None and r["with_context"]]
     left_out = [r["name"] for r in result["points"] if r not in placed]
     xs = [r["ratio_to_spacy_ner"]["batch"] for r in placed]

@@ -185,12 +185,10 @@ def baseline_tree(revision: str) -> Path:
 
 
 def has_encoder(spec: Spec) -> bool:
-    """Whether the pipeline has a transformer component (a trained one: as its config lists)."""
-    if spec.config:
-        return spec.config == CONFIGS["accurate"]
+    """Whether the pipeline has a transformer component, as its config (or its saved one) lists."""
     from thinc.api import Config
 
-    config = Path(spec.model) / "config.cfg"
+    config = spec.tree / spec.config if spec.config else Path(spec.model) / "config.cfg"
     return config.exists() and "transformer" in Config().from_disk(config, interpolate=False)["nlp"]["pipeline"]
 
 

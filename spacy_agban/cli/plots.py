@@ -25,9 +25,12 @@ from ..training.docs_io import read_fresh_docs
 MODALITY_COLOURS = {"text": "#4363d8", "caption": "#f58231", "object": "#3cb44b"}
 
 
-def _pyplot():
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or one line naming the extra that installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("Plots need matplotlib: pip install spacy-agban[viz]") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -156,7 +159,7 @@ def _dev_f1(row: Dict) -> Optional[float]:
 
 def plot_training(runs: Sequence[TrainingCurves], output: Path) -> Path:
     """Three panels (CRF loss, adversarial loss, dev F1) with one line per run."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     for run in runs:
         axes[0].plot(*zip(*run.per_update(run.crf_loss)), marker=".", label=run.name)
@@ -323,7 +326,7 @@ def probe_accuracy(features: numpy.ndarray, is_visual: numpy.ndarray, seed: int 
 
 
 def plot_modalities(maps: Sequence[ModalityMap], output: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(maps), figsize=(6 * len(maps), 5.6), squeeze=False,
                                 layout="constrained")
     for axis, m in zip(axes[0], maps):

@@ -8,7 +8,7 @@ by a module that runs the ONNX Runtime session and hands back the same fields as
 the Hugging Face model (fp32 torch tensors): alignment, pooling and the tagger after
 it are unchanged. ``onnx-int8`` quantizes the exported graph's matrix products
 dynamically (int8 weights, activations per batch), leaving in fp32 the same layers as
-the PyTorch int8 path (:func:`~.precision.keeps_fp32`: attention query/key and the
+the PyTorch int8 path (:func:`~.int8_layers.keeps_fp32`: attention query/key and the
 feed-forward output projections), chosen there on dev.
 
 Ways in, as for bf16 and int8: ``set_precision(nlp, "onnx")`` (or ``"onnx-int8"``),

