@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import spacy
 import srsly
+import torch
 from spacy.tokens import DocBin
 from spacy.training.initialize import init_nlp
 from spacy.training.loop import train as train_loop
@@ -165,8 +166,8 @@ TRF_NAMES = [name for name in NAMES if "transformer" in _model_config(name)["pat
 
 def test_the_transformer_models_are_all_there():
     assert set(TRF_NAMES) == {
-        "accurate", "agban_trf", "agban_trf_caption", "bilstm_crf_trf", "bilstm_crf_trf_caption",
-        "concat_trf",
+        "accurate", "accurate_small", "agban_trf", "agban_trf_caption", "bilstm_crf_trf",
+        "bilstm_crf_trf_caption", "concat_trf",
     }
 
 
@@ -210,3 +211,29 @@ def test_text_only_models_have_no_units_and_no_visual_training():
     # the post alone: with the caption off the caption-capable encoder is TransformerModel.v3
     assert trf["@architectures"] == "spacy_agban.CaptionTransformerModel.v1"
     assert trf["caption_in_input"] is False
+
+
+def test_the_small_encoder_keeps_two_layers_through_saving_and_loading(tiny_data, tmp_path, monkeypatch):
+    """``transformer_config`` reaches the Hugging Face config: the first two pretrained layers
+    only, and a saved pipeline loads with two (spacy-transformers rebuilds it from the saved
+    config, not from the name)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    path, variant = resolve("accurate_small", CONFIGS_DIR)
+    nlp = init_nlp(load_config(path, overrides={**variant, **_overrides(tiny_data, "accurate_small")}))
+
+    def layers(pipeline) -> int:
+        hf_model = pipeline.get_pipe("transformer").model.layers[0].shims[0]._model
+        assert hf_model.config.num_hidden_layers == len(hf_model.encoder.layer)
+        return len(hf_model.encoder.layer)
+
+    assert layers(nlp) == 2
+    nlp.to_disk(tmp_path / "small")
+    loaded = spacy.load(tmp_path / "small")
+    assert layers(loaded) == 2
+
+    def features(pipeline):
+        doc = make_doc(pipeline, *CAPTION_POSTS[2][:2])
+        return pipeline.get_pipe("transformer").predict([doc]).model_output.last_hidden_state
+
+    assert torch.equal(features(nlp), features(loaded))
