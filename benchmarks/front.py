@@ -151,7 +151,26 @@ class MemoryBenchTime:
         return f"the last sample of the `{self.runs}` runs in `{self.path}`" + (f" ({self.about})" if self.about else "")
 
 
-TimeSource = Union[QualityBenchTime, MemoryBenchTime]
+@dataclass(frozen=True)
+class LogTime:
+    """The ``seconds`` of the last line of training logs (``*`` = the seed): the JSONL of
+    ``spacy_agban.ConsoleLogger.v1``, which records the wall time since the training began.
+    A log without it (written by spaCy's own logger) counts as not recorded."""
+    path: str
+
+    def read(self, root: Path) -> List[float]:
+        minutes = []
+        for file in sorted(root.glob(self.path)):
+            rows = list(srsly.read_jsonl(file))
+            if rows and "seconds" in rows[-1]:
+                minutes.append(rows[-1]["seconds"] / 60)
+        return minutes
+
+    def describe(self) -> str:
+        return f"`seconds` of the last line of `{self.path}`"
+
+
+TimeSource = Union[QualityBenchTime, MemoryBenchTime, LogTime]
 
 
 @dataclass(frozen=True)
@@ -177,6 +196,8 @@ _ACCURATE_TIME = MemoryBenchTime(
     about="the README's `accurate` seeds, same recipe, trained to its patience; the front's seeds, "
           "stopped by hand, were not timed")
 _PRECISION_FILE = "metrics/onnx_quality_test.json"
+_SMALL_F1 = CaptionVariantsF1("metrics/small/accurate_small-s*-test.json")
+_SMALL_TIME = LogTime("metrics/small/accurate_small-s*.train.jsonl")
 
 FRONT: List[Point] = [
     Point("concat", "the default: GloVe 6B 50d + char BiLSTM + caption units",
@@ -189,6 +210,12 @@ FRONT: List[Point] = [
           pipeline="concat_distilled", model="training/seeds/concat_distilled-s0"),
     Point("accurate", "MiniLM-L6 with the caption in its input + caption units + case",
           _ACCURATE_F1, pipeline="accurate", model="training/seeds/accurate-s0", training=_ACCURATE_TIME),
+    Point("accurate_small", "accurate's head on MiniLM-L6's first 2 of 6 layers, reading the post only "
+          "(the caption as units), taught by accurate's CRF marginals",
+          _SMALL_F1, pipeline="accurate_small", model="training/seeds/accurate_small-s0", training=_SMALL_TIME),
+    Point("accurate_small onnx-int8", "accurate_small, ONNX Runtime int8 (accurate's fp32-kept layers)",
+          PrecisionF1("metrics/small/onnx_quality_test.json", "onnx-int8", seed=0), pipeline="accurate_small",
+          precision="onnx-int8", training=_SMALL_TIME),
     Point("accurate int8", "accurate, PyTorch dynamic int8 (dev-chosen layers)",
           PrecisionF1(_PRECISION_FILE, "int8", seed=0), pipeline="accurate", precision="int8",
           training=_ACCURATE_TIME),

@@ -55,6 +55,10 @@ def metrics(tmp_path):
     write("metrics/bench/concat-s2.json", {"train_seconds": 720.0})
     write("metrics/lr/train_memory_avg_s01.json", {"samples": {
         "accurate_lr3e-5_avg-s0": [{"seconds": 60.0}, {"seconds": 3600.0}], "other-s0": [{"seconds": 60.0}]}})
+    write("metrics/small/accurate_small-s0-test.json", {"stored": {"ents_f": 0.745}, "none": {"ents_f": 0.741}})
+    srsly.write_jsonl(tmp_path / "metrics/small/accurate_small-s0.train.jsonl",
+                      [{"step": 0, "seconds": 5.0}, {"step": 400, "seconds": 1800.0}])
+    srsly.write_jsonl(tmp_path / "metrics/small/accurate_small-s1.train.jsonl", [{"step": 0}])  # spaCy's logger
     write("speed.json", {
         "machine": {"date": "2026-01-01 00:00", "cpu": "CPU", "cores": "2", "omp_num_threads": "1",
                     "python": "3", "spacy": "3", "torch": "2"},
@@ -76,6 +80,7 @@ def test_the_front_reads_each_points_own_numbers(metrics):
     assert ("| `accurate onnx` | — | not measured | not measured | not measured | not measured "
             "| 60.0 (1 run) |") in text
     assert "| `accurate onnx-int8` | 0 | 74.80 | 74.20 | not measured | not measured | 60.0 (1 run) |" in text
+    assert "| `accurate_small` | 0 | 74.50 | 74.10 | not measured | not measured | 30.0 (1 run) |" in text
     assert "measured on 2026-01-01 00:00, CPU, 2 cores" in text
     assert "python -m benchmarks.front --measure" in text
     notes = " ".join(result["notes"])
@@ -98,7 +103,8 @@ def test_the_plot_is_written_the_same_each_time(metrics, tmp_path):
     front.plot(result, second)
     assert first.read_bytes() == second.read_bytes()
     assert first.read_text().lstrip().startswith("<?xml") and "<svg" in first.read_text()
-    assert left_out == ["concat_distilled", "accurate onnx", "accurate onnx-int8"]
+    assert left_out == ["concat_distilled", "accurate_small", "accurate_small onnx-int8", "accurate onnx",
+                        "accurate onnx-int8"]
 
 
 def test_the_plot_without_matplotlib_names_the_extra(metrics, tmp_path, monkeypatch):
@@ -126,7 +132,7 @@ def test_measuring_times_the_trained_pipelines_in_the_fronts_precisions(tmp_path
     assert command[command.index("--precisions") + 1] == "int8,onnx,onnx-int8"
     models = [command[i + 1] for i, arg in enumerate(command) if arg == "--model"]
     assert models == ["concat=training/seeds/concat-s0", "concat_distilled=training/seeds/concat_distilled-s0",
-                      "accurate=training/seeds/accurate-s0"]
+                      "accurate=training/seeds/accurate-s0", "accurate_small=training/seeds/accurate_small-s0"]
 
 
 def test_speed_converts_only_trained_pipelines_with_an_encoder(tmp_path):
