@@ -1,5 +1,6 @@
 """``python -m spacy_agban teacher-targets``: a teacher's tag marginals into training data."""
 from pathlib import Path
+from typing import List
 
 import typer
 
@@ -9,9 +10,11 @@ def teacher_targets_command(
     data: Path = typer.Argument(..., help="The training DocBin (.spacy) to tag"),
     output: Path = typer.Argument(..., help="Where to write the DocBin with the teacher's marginals"),
     batch_size: int = typer.Option(64, "--batch-size", help="Docs per teacher batch"),
+    also: List[str] = typer.Option([], "--also", help="Another teacher (repeat): each doc keeps the mean of all the teachers' marginals"),
 ) -> None:
     """Tag the training data with a teacher pipeline and store its CRF tag marginals in
-    each doc, for training a model with ``distill > 0`` (docs/distillation.md)."""
+    each doc, for training a model with ``distill > 0`` (docs/distillation.md). With
+    ``--also``, an ensemble: the mean of several teachers' marginals."""
     import spacy
 
     from ..training.teacher import write_teacher_targets
@@ -26,8 +29,9 @@ def teacher_targets_command(
         typer.echo(f"error: --batch-size must be >= 1, got {batch_size}", err=True)
         raise typer.Exit(1)
     try:
-        counts = write_teacher_targets(teacher, data, output, batch_size=batch_size)
+        counts = write_teacher_targets([teacher, *also], data, output, batch_size=batch_size)
     except (OSError, ValueError) as err:
         typer.echo(f"error: {' '.join(str(err).split())[:300]}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{counts['with_targets']} of {counts['docs']} docs with the teacher's marginals -> {output}")
+    whose = "the teacher's" if counts["teachers"] == 1 else f"the mean of {counts['teachers']} teachers'"
+    typer.echo(f"{counts['with_targets']} of {counts['docs']} docs with {whose} marginals -> {output}")

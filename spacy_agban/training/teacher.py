@@ -98,20 +98,50 @@ def teacher_docs(nlp: Language, references: Iterable[Doc], batch_size: int = 64)
         yield from flush()
 
 
+def average_targets(packed: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Several teachers' stored marginals of one doc as one (their mean, in the first
+    teacher's tag order: a mixture of the teachers' per-token distributions); None when
+    they disagree on the tag set or the number of tokens."""
+    tags = packed[0]["tags"]
+    arrays = [unpack_marginals(p, tags) for p in packed]
+    if any(a is None or a.shape != arrays[0].shape for a in arrays):
+        return None
+    return pack_marginals(tags, numpy.mean(arrays, axis=0))
+
+
 def write_teacher_targets(
-    teacher: Union[str, Path], data: Union[str, Path], output: Union[str, Path], batch_size: int = 64
+    teacher: Union[str, Path, Sequence[Union[str, Path]]], data: Union[str, Path], output: Union[str, Path],
+    batch_size: int = 64,
 ) -> Dict[str, int]:
     """Tag ``data`` (a .spacy file) with ``teacher`` and write its docs, each with the
-    teacher's marginals, to ``output``; returns counts."""
+    teacher's marginals, to ``output``; returns counts. Several teachers (an ensemble,
+    e.g. the seeds of one recipe): each tags every doc, one at a time (one pipeline in
+    memory), and a doc keeps the mean of their marginals, or none unless all have some."""
     import spacy
 
-    nlp = spacy.load(teacher)
-    references = list(DocBin().from_disk(data).get_docs(nlp.vocab))
+    teachers = [teacher] if isinstance(teacher, (str, Path)) else list(teacher)
+    if not teachers:
+        raise ValueError("No teacher pipeline given.")
+    references: List[Doc] = []
+    per_teacher: List[List[Optional[Dict[str, Any]]]] = []
+    for name in teachers:
+        nlp = spacy.load(name)
+        if not references:
+            references = list(DocBin().from_disk(data).get_docs(nlp.vocab))
+        per_teacher.append([doc.user_data.pop(TEACHER_KEY, None)
+                            for doc in teacher_docs(nlp, references, batch_size=batch_size)])
+        del nlp
     out = DocBin(store_user_data=True)
     with_targets = 0
-    for doc in teacher_docs(nlp, references, batch_size=batch_size):
-        with_targets += TEACHER_KEY in doc.user_data
+    for i, doc in enumerate(references):
+        packed = [targets[i] for targets in per_teacher]
+        combined = None
+        if all(p is not None for p in packed):
+            combined = packed[0] if len(packed) == 1 else average_targets(packed)
+        if combined is not None:
+            doc.user_data[TEACHER_KEY] = combined
+            with_targets += 1
         out.add(doc)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     out.to_disk(output)
-    return {"docs": len(references), "with_targets": with_targets}
+    return {"docs": len(references), "with_targets": with_targets, "teachers": len(teachers)}

@@ -12,7 +12,7 @@ from model_support import tiny_module
 from spacy_agban.cli import app
 from spacy_agban.model.agban import Batch
 from spacy_agban.training.teacher import (
-    TEACHER_KEY, example_targets, pack_marginals, teacher_docs, unpack_marginals,
+    TEACHER_KEY, average_targets, example_targets, pack_marginals, teacher_docs, unpack_marginals,
 )
 
 
@@ -112,6 +112,38 @@ def test_targets_for_other_tokens_are_not_used():
     assert example_targets(same, ["O", "B-PER", "I-PER"]) is None
     other = Example(nlp.make_doc("Kolo is here now"), reference)
     assert example_targets(other, ["O", "B-PER"]) is None
+
+
+def test_an_ensemble_of_teachers_gives_the_mean_of_their_marginals(tmp_path):
+    references = None
+    expected = []
+    for seed, steps in ((0, 40), (1, 10)):
+        spacy.util.fix_random_seed(seed)
+        teacher = make_nlp()
+        train(teacher, make_examples(teacher, CAPTION_POSTS), steps=steps)
+        teacher.to_disk(tmp_path / f"teacher{seed}")
+        references = references or [eg.reference for eg in make_examples(teacher, CAPTION_POSTS)]
+        pipe = teacher.get_pipe("agban")
+        expected.append(pipe.tag_marginals([_with_caption(teacher, d) for d in references]))
+    DocBin(docs=references, store_user_data=True).to_disk(tmp_path / "train.spacy")
+    result = CliRunner().invoke(app, ["teacher-targets", str(tmp_path / "teacher0"), str(tmp_path / "train.spacy"),
+                                      str(tmp_path / "taught.spacy"), "--also", str(tmp_path / "teacher1")])
+    assert result.exit_code == 0, result.output
+    assert f"{len(CAPTION_POSTS)} of {len(CAPTION_POSTS)} docs with the mean of 2 teachers'" in result.output
+    taught = list(DocBin().from_disk(tmp_path / "taught.spacy").get_docs(make_nlp().vocab))
+    for i, doc in enumerate(taught):
+        stored = unpack_marginals(doc.user_data[TEACHER_KEY], pipe.tags)
+        assert numpy.allclose(stored, (expected[0][i] + expected[1][i]) / 2, atol=2e-3)
+        assert not numpy.allclose(expected[0][i], expected[1][i], atol=2e-2)  # two different teachers
+
+
+def test_teachers_of_other_tag_sets_or_tokens_give_no_mean():
+    a = pack_marginals(["O", "B-PER"], numpy.array([[0.8, 0.2], [0.6, 0.4]]))
+    b = pack_marginals(["B-PER", "O"], numpy.array([[0.4, 0.6], [0.0, 1.0]]))
+    mean = unpack_marginals(average_targets([a, b]), ["O", "B-PER"])
+    assert numpy.allclose(mean, [[0.7, 0.3], [0.8, 0.2]], atol=2e-3)  # mapped by tag name
+    assert average_targets([a, pack_marginals(["O", "B-LOC"], numpy.full((2, 2), 0.5))]) is None
+    assert average_targets([a, pack_marginals(["O", "B-PER"], numpy.full((3, 2), 0.5))]) is None
 
 
 def test_teacher_docs_refuses_a_pipeline_without_agban():
