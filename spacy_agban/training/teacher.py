@@ -128,6 +128,8 @@ def write_teacher_targets(
         nlp = spacy.load(name)
         if not references:
             references = list(DocBin().from_disk(data).get_docs(nlp.vocab))
+            for doc in references:  # data tagged before: only these teachers' marginals count
+                doc.user_data.pop(TEACHER_KEY, None)
         per_teacher.append([doc.user_data.pop(TEACHER_KEY, None)
                             for doc in teacher_docs(nlp, references, batch_size=batch_size)])
         del nlp

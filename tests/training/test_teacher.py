@@ -137,6 +137,23 @@ def test_an_ensemble_of_teachers_gives_the_mean_of_their_marginals(tmp_path):
         assert not numpy.allclose(expected[0][i], expected[1][i], atol=2e-2)  # two different teachers
 
 
+def test_marginals_already_in_the_data_are_replaced_not_kept(tmp_path):
+    spacy.util.fix_random_seed(0)
+    teacher = make_nlp()
+    train(teacher, make_examples(teacher, CAPTION_POSTS), steps=10)
+    teacher.to_disk(tmp_path / "teacher")
+    references = [eg.reference for eg in make_examples(teacher, CAPTION_POSTS)]
+    empty = teacher.make_doc("")  # the teacher gives an empty post no marginals
+    empty.user_data[TEACHER_KEY] = pack_marginals(["O"], numpy.ones((0, 1)))  # from an earlier tagging
+    DocBin(docs=[*references, empty], store_user_data=True).to_disk(tmp_path / "train.spacy")
+    result = CliRunner().invoke(app, ["teacher-targets", str(tmp_path / "teacher"),
+                                      str(tmp_path / "train.spacy"), str(tmp_path / "taught.spacy")])
+    assert result.exit_code == 0, result.output
+    assert f"{len(CAPTION_POSTS)} of {len(CAPTION_POSTS) + 1} docs" in result.output
+    taught = list(DocBin().from_disk(tmp_path / "taught.spacy").get_docs(teacher.vocab))
+    assert TEACHER_KEY not in taught[-1].user_data
+
+
 def test_teachers_of_other_tag_sets_or_tokens_give_no_mean():
     a = pack_marginals(["O", "B-PER"], numpy.array([[0.8, 0.2], [0.6, 0.4]]))
     b = pack_marginals(["B-PER", "O"], numpy.array([[0.4, 0.6], [0.0, 1.0]]))
