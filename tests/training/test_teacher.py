@@ -69,12 +69,18 @@ def test_packed_marginals_round_trip_by_tag_name():
         pack_marginals(["O", "B-PER"], marginals)
 
 
-def test_teacher_targets_reach_the_student_through_the_data(tmp_path):
-    spacy.util.fix_random_seed(0)
+def _saved_teacher(folder, seed: int = 0, steps: int = 40):
+    """A tiny agban pipeline trained on the caption posts and saved to ``folder``, and the
+    posts' reference docs."""
+    spacy.util.fix_random_seed(seed)
     teacher = make_nlp()
-    train(teacher, make_examples(teacher, CAPTION_POSTS), steps=40)
-    teacher.to_disk(tmp_path / "teacher")
-    references = [eg.reference for eg in make_examples(teacher, CAPTION_POSTS)]
+    train(teacher, make_examples(teacher, CAPTION_POSTS), steps=steps)
+    teacher.to_disk(folder)
+    return teacher, [eg.reference for eg in make_examples(teacher, CAPTION_POSTS)]
+
+
+def test_teacher_targets_reach_the_student_through_the_data(tmp_path):
+    teacher, references = _saved_teacher(tmp_path / "teacher")
     DocBin(docs=references, store_user_data=True).to_disk(tmp_path / "train.spacy")
     result = CliRunner().invoke(app, ["teacher-targets", str(tmp_path / "teacher"),
                                       str(tmp_path / "train.spacy"), str(tmp_path / "taught.spacy")])
@@ -118,11 +124,8 @@ def test_an_ensemble_of_teachers_gives_the_mean_of_their_marginals(tmp_path):
     references = None
     expected = []
     for seed, steps in ((0, 40), (1, 10)):
-        spacy.util.fix_random_seed(seed)
-        teacher = make_nlp()
-        train(teacher, make_examples(teacher, CAPTION_POSTS), steps=steps)
-        teacher.to_disk(tmp_path / f"teacher{seed}")
-        references = references or [eg.reference for eg in make_examples(teacher, CAPTION_POSTS)]
+        teacher, posts = _saved_teacher(tmp_path / f"teacher{seed}", seed, steps)
+        references = references or posts
         pipe = teacher.get_pipe("agban")
         expected.append(pipe.tag_marginals([_with_caption(teacher, d) for d in references]))
     DocBin(docs=references, store_user_data=True).to_disk(tmp_path / "train.spacy")
@@ -138,11 +141,7 @@ def test_an_ensemble_of_teachers_gives_the_mean_of_their_marginals(tmp_path):
 
 
 def test_marginals_already_in_the_data_are_replaced_not_kept(tmp_path):
-    spacy.util.fix_random_seed(0)
-    teacher = make_nlp()
-    train(teacher, make_examples(teacher, CAPTION_POSTS), steps=10)
-    teacher.to_disk(tmp_path / "teacher")
-    references = [eg.reference for eg in make_examples(teacher, CAPTION_POSTS)]
+    teacher, references = _saved_teacher(tmp_path / "teacher", steps=10)
     empty = teacher.make_doc("")  # the teacher gives an empty post no marginals
     empty.user_data[TEACHER_KEY] = pack_marginals(["O"], numpy.ones((0, 1)))  # from an earlier tagging
     DocBin(docs=[*references, empty], store_user_data=True).to_disk(tmp_path / "train.spacy")
